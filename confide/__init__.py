@@ -1,0 +1,3 @@
+"""confide: private AI inference over NATS JetStream with attested workers."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,78 @@
+"""The project's one exception hierarchy.
+
+Messages name the failed check and the value's size or kind, never its
+content: exception text ends up in logs and terminals, so it must not carry a
+prompt, a reply, a key or a reply token.
+"""
+
+
+class ConfideError(Exception):
+    """Base class for every error confide raises on purpose."""
+
+
+class LocalProtocolError(ConfideError):
+    """This side was asked to build something the protocol does not allow."""
+
+
+class EmptyPromptError(LocalProtocolError):
+    def __init__(self) -> None:
+        super().__init__("the prompt is empty: write some text, or pass '-' to read it from stdin")
+
+
+class JobTooLargeError(LocalProtocolError):
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"the sealed job is {size} bytes but the broker accepts at most {limit} bytes "
+            "per message: shorten the prompt or the chat history"
+        )
+        self.size = size
+        self.limit = limit
+
+
+class RemoteProtocolError(ConfideError):
+    """A peer sent bytes that break the protocol."""
+
+
+class DecodeError(RemoteProtocolError):
+    """A message failed to decode or validate; `reason` is a stable counter key."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class AuthenticationError(RemoteProtocolError):
+    """Opaque failure to open or verify a sealed, signed or encrypted value.
+
+    It deliberately says nothing about which check failed; callers count the
+    reason themselves.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("message failed authentication")
+
+
+class AttestationError(ConfideError):
+    """The pool's attestation could not be verified, so nothing may be sealed to it."""
+
+
+class ReplyError(ConfideError):
+    """The worker answered the job with an authenticated error reply."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"the worker rejected the job ({code}): {detail}")
+        self.code = code
+        self.detail = detail
+
+
+class ReplyIncompleteError(ConfideError):
+    """The reply stopped before its final chunk arrived."""
+
+
+class ReplyOrderError(RemoteProtocolError):
+    """Reply chunks arrived out of order: the reply stream was tampered with."""
+
+
+class BrokerError(ConfideError):
+    """The broker could not be reached or refused an operation."""

@@ -1,0 +1,1 @@
+"""The wire protocol both sides share: messages, codec, key schedule and subjects."""
