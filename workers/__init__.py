@@ -1,0 +1,1 @@
+"""The enclave side: the pool key, the model and the job loop."""

