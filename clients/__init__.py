@@ -1,0 +1,1 @@
+"""The device side: attestation checks, sealing jobs and reading encrypted replies."""

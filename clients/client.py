@@ -1,0 +1,215 @@
+"""The device-side client: verify the pool, seal a job, stream its reply.
+
+Plaintext exists only in this process. What goes to the broker is a sealed,
+padded job on the shared jobs subject and a subscription to one reply
+subject named by a one-way hash of the job's secret reply token.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import anyio
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
+
+from confide.errors import (
+    AttestationError,
+    BrokerError,
+    DecodeError,
+    EmptyPromptError,
+    JobTooLargeError,
+    ReplyError,
+    ReplyIncompleteError,
+)
+from confide.schemas import crypto, subjects
+from confide.schemas.attestation import TrustPolicy, verify_document
+from confide.schemas.messages import (
+    JOB_ID_SIZE,
+    PAD_BUCKETS,
+    REPLY_TOKEN_SIZE,
+    AttestationBody,
+    ChatMessage,
+    GenerationParams,
+    JobEnvelope,
+    JobRequest,
+    ReplyChunk,
+)
+from confide.schemas.reply_keys import ReplyReceiver
+
+log = logging.getLogger("confide.client")
+
+# Sealed timestamps are rounded down to this many seconds so they say little
+# about when exactly a person wrote.
+TIMESTAMP_GRANULARITY_S = 60
+# NATS protocol framing around a published payload: the PUB/HPUB line with
+# subject, sizes and CRLFs. Counted so the size check matches the server's.
+PUBLISH_FRAMING = 128
+
+
+@dataclass(frozen=True)
+class PendingJob:
+    """A job the broker accepted; holds the keys to read its reply."""
+
+    receiver: ReplyReceiver
+    reply_subject: str
+    stream_sequence: int
+
+    def __repr__(self) -> str:
+        return f"PendingJob(seq={self.stream_sequence})"
+
+
+@dataclass(frozen=True)
+class ReplyEvent:
+    """One step of a streamed reply: text to show, a restart, or the end."""
+
+    text: str = ""
+    restarted: bool = False
+    final: bool = False
+    finish: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Client:
+    def __init__(self, nc: NATS, policy: TrustPolicy, reply_timeout_s: float = 300.0) -> None:
+        self._nc = nc
+        self._js: JetStreamContext = nc.jetstream()
+        self._policy = policy
+        self._pool: AttestationBody | None = None
+        self.reply_timeout_s = reply_timeout_s
+
+    @classmethod
+    async def connect(cls, url: str, policy: TrustPolicy, reply_timeout_s: float = 300.0) -> Client:
+        try:
+            nc = await nats.connect(url, name="confide-client", max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=5, allow_reconnect=True)
+        except (OSError, nats.errors.Error) as exc:
+            raise BrokerError(f"cannot connect to the broker at {url}: {type(exc).__name__}; is it running? ('confide up' starts one)") from None
+        return cls(nc, policy, reply_timeout_s)
+
+    async def close(self) -> None:
+        await self._nc.close()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.close()
+
+    async def attest(self, refresh: bool = False) -> AttestationBody:
+        """Fetch and verify the pool's attestation document; raise AttestationError on any failure."""
+        if self._pool is not None and not refresh and self._pool.expires_at > time.time():
+            return self._pool
+
+        try:
+            kv = await self._js.key_value(subjects.POOL_BUCKET)
+            entry = await kv.get(subjects.ATTESTATION_KEY)
+        except (nats.js.errors.BucketNotFoundError, nats.js.errors.KeyNotFoundError, nats.js.errors.NotFoundError):
+            raise AttestationError("the broker holds no pool attestation document: no worker has joined the pool yet") from None
+        except nats.errors.Error as exc:
+            raise BrokerError(f"reading the pool attestation failed: {type(exc).__name__}") from None
+        if not entry.value:
+            raise AttestationError("the pool attestation document is empty")
+
+        self._pool = verify_document(entry.value, self._policy, purpose="pool")
+        return self._pool
+
+    async def submit(self, messages: Sequence[ChatMessage], params: GenerationParams = GenerationParams()) -> PendingJob:
+        """Seal a job to the attested pool key and publish it; return once JetStream stored it."""
+        if not messages or not messages[-1].content.strip():
+            raise EmptyPromptError()
+        pool = await self.attest()
+
+        client_keys = crypto.KeyPair.generate()
+        job_id = crypto.random_bytes(JOB_ID_SIZE)
+        reply_token = crypto.random_bytes(REPLY_TOKEN_SIZE)
+        timestamp = int(time.time()) // TIMESTAMP_GRANULARITY_S * TIMESTAMP_GRANULARITY_S
+        request = JobRequest(job_id, reply_token, client_keys.public, timestamp, tuple(messages), params)
+        limit = self._nc.max_payload
+        try:
+            padded = request.to_padded()
+        except ValueError:
+            raise JobTooLargeError(_unpadded_size(request), min(limit, PAD_BUCKETS[-1])) from None
+        envelope = JobEnvelope(pool.key_id, crypto.seal(padded, pool.key)).to_wire()
+
+        if len(envelope) + PUBLISH_FRAMING > limit:
+            raise JobTooLargeError(len(envelope) + PUBLISH_FRAMING, limit)
+
+        receiver = ReplyReceiver(job_id, reply_token, client_keys)
+        try:
+            ack = await self._js.publish(subjects.JOBS_SUBJECT, envelope, stream=subjects.JOBS_STREAM)
+        except nats.errors.Error as exc:
+            receiver.finish()
+            raise BrokerError(f"the broker did not accept the job: {type(exc).__name__}") from None
+        return PendingJob(receiver, subjects.reply_subject(reply_token), ack.seq)
+
+    async def replies(self, job: PendingJob) -> AsyncIterator[ReplyEvent]:
+        """Yield the job's reply as it arrives; raise on tampering, an error reply or a timeout."""
+        receiver = job.receiver
+        subscription = await self._js.subscribe(
+            job.reply_subject,
+            stream=subjects.REPLIES_STREAM,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.ALL,
+        )
+        try:
+            while not receiver.complete:
+                try:
+                    message = await subscription.next_msg(timeout=self.reply_timeout_s)
+                except nats.errors.TimeoutError:
+                    raise ReplyIncompleteError(
+                        f"no reply chunk for {self.reply_timeout_s:.0f} s and the final chunk never came; the reply is incomplete"
+                    ) from None
+                try:
+                    chunk = ReplyChunk.from_wire(message.data)
+                except DecodeError as exc:
+                    log.warning("ignored a malformed reply chunk: %s", exc.reason)
+                    continue
+
+                opened = receiver.open(chunk)
+                if opened is None:
+                    continue
+                body = opened.body
+                if body.error is not None:
+                    raise ReplyError(body.error, body.detail or "")
+                yield ReplyEvent(
+                    text=body.text,
+                    restarted=opened.restarted,
+                    final=opened.final,
+                    finish=body.finish,
+                    prompt_tokens=body.prompt_tokens,
+                    completion_tokens=body.completion_tokens,
+                )
+        finally:
+            receiver.finish()
+            with anyio.CancelScope(shield=True):
+                try:
+                    await subscription.unsubscribe()
+                except nats.errors.Error:
+                    pass
+
+    async def ask(self, messages: Sequence[ChatMessage], params: GenerationParams = GenerationParams()) -> AsyncIterator[ReplyEvent]:
+        job = await self.submit(messages, params)
+        async for event in self.replies(job):
+            yield event
+
+    async def ask_text(self, messages: Sequence[ChatMessage], params: GenerationParams = GenerationParams()) -> str:
+        """Return the whole reply text; an attempt restart discards the partial text."""
+        parts: list[str] = []
+        async for event in self.ask(messages, params):
+            if event.restarted:
+                parts.clear()
+            parts.append(event.text)
+        return "".join(parts)
+
+
+def _unpadded_size(request: JobRequest) -> int:
+    return sum(len(m.content.encode("utf-8")) for m in request.messages)

