@@ -143,3 +143,11 @@ def worker(broker: Broker, pool: Pool, tmp_path_factory) -> WorkerProcess:
 async def client(broker: Broker, pool: Pool, worker: WorkerProcess) -> Client:
     async with await Client.connect(broker.url, pool.policy, reply_timeout_s=60) as connected:
         yield connected
+
+
+@pytest.fixture(scope="session")
+def local_engine():
+    """The same model and settings as the worker, in this process, for direct comparisons."""
+    from confide.workers.engine import Engine
+
+    return Engine(EngineSettings(default_model_path(), DEFAULT_N_CTX, n_threads=2))

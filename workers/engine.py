@@ -160,7 +160,7 @@ class Engine:
             return GenerationResult(finish, len(tokens), produced)
 
     def _is_end_of_generation(self, token: int) -> bool:
-        return bool(llama_cpp.llama_token_is_eog(self._llm._model.vocab, token))
+        return bool(llama_cpp.llama_vocab_is_eog(self._llm._model.vocab, token))
 
     def _reset(self) -> None:
         """Forget every token of the previous job: history and KV cache."""
