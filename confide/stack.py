@@ -130,6 +130,7 @@ def start_worker(
     model: Path | None,
     n_ctx: int | None,
     extra_env: dict[str, str] | None = None,
+    threads: int | None = None,
 ) -> subprocess.Popen:
     command = [
         sys.executable,
@@ -147,6 +148,8 @@ def start_worker(
         command += ["--model", str(model)]
     if n_ctx is not None:
         command += ["--n-ctx", str(n_ctx)]
+    if threads is not None:
+        command += ["--threads", str(threads)]
     log = open(state.worker_log(index), "ab")
     return subprocess.Popen(
         command,

@@ -1,0 +1,180 @@
+"""`make bench`: the encrypted path against llama-cpp-python called directly.
+
+Both run the same GGUF, chat template, context size, thread count and greedy
+sampling on the shared prompts, one prompt at a time and alternating, in one
+run. Greedy decoding makes both produce the same tokens, so each prompt's
+completion token count (reported by the worker) serves both sides.
+
+- time to first token (TTFT): from the call (direct) or from sealing the job
+  (encrypted) to the first text the caller can show;
+- generation rate: completion tokens / (last text - first text).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+
+from confide import stack
+from confide.clients.client import Client
+from confide.schemas.messages import ChatMessage, GenerationParams
+from confide.workers.engine import DEFAULT_N_CTX, EngineSettings, default_model_path, silence_native_logs
+from confide.workers.measurement import measure
+from confide.workers.tee import create_platform_key
+
+PROMPTS = Path(__file__).resolve().parent.parent / "tests" / "prompts.jsonl"
+
+
+@dataclass
+class Sample:
+    prompt_id: str
+    ttft_s: float
+    generation_s: float
+    tokens: int
+    text: str
+
+
+def load_prompts(path: Path) -> list[tuple[str, str]]:
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [(row["id"], row["prompt"]) for row in rows if row["prompt"].strip()]
+
+
+def run_direct(llm, prompt: str, max_tokens: int) -> tuple[float, float, str]:
+    started = time.perf_counter()
+    first = last = None
+    parts = []
+    for chunk in llm.create_chat_completion(
+        messages=[{"role": "user", "content": prompt}], stream=True, temperature=0.0, max_tokens=max_tokens
+    ):
+        content = chunk["choices"][0]["delta"].get("content")
+        if content:
+            now = time.perf_counter()
+            first = first or now
+            last = now
+            parts.append(content)
+    first = first or time.perf_counter()
+    last = last or first
+    return first - started, last - first, "".join(parts)
+
+
+async def run_encrypted(client: Client, prompt: str, max_tokens: int) -> tuple[float, float, int, str]:
+    started = time.perf_counter()
+    first = last = None
+    parts = []
+    tokens = 0
+    async for event in client.ask([ChatMessage("user", prompt)], GenerationParams(max_tokens=max_tokens, temperature=0.0)):
+        if event.text:
+            now = time.perf_counter()
+            first = first or now
+            last = now
+            parts.append(event.text)
+        if event.final:
+            tokens = event.completion_tokens
+    first = first or time.perf_counter()
+    last = last or first
+    return first - started, last - first, tokens, "".join(parts)
+
+
+def summarise(name: str, samples: list[Sample]) -> dict[str, float]:
+    tokens = sum(s.tokens for s in samples)
+    seconds = sum(s.generation_s for s in samples)
+    return {
+        "name": name,
+        "tokens": tokens,
+        "tokens_per_s": tokens / seconds if seconds else 0.0,
+        "ttft_median_ms": statistics.median(s.ttft_s for s in samples) * 1000,
+        "ttft_mean_ms": statistics.fmean(s.ttft_s for s in samples) * 1000,
+    }
+
+
+async def bench(args: argparse.Namespace) -> int:
+    import llama_cpp
+
+    model = default_model_path()
+    settings = EngineSettings(model, args.n_ctx, args.threads)
+    prompts = load_prompts(PROMPTS)[: args.limit or None]
+
+    with tempfile.TemporaryDirectory(prefix="confide-bench-") as temporary:
+        state = stack.StackState(Path(temporary))
+        platform_key = create_platform_key(state.platform_key)
+        policy = stack.local_trust_policy(platform_key.verify_key, measure(model, settings.measured()))
+        port = stack.free_port()
+        broker, url = stack.start_broker(state, stack.HOST, port)
+        worker = None
+        try:
+            stack.wait_for_port(stack.HOST, port, 15, broker)
+            worker = stack.start_worker(state, 0, url, None, args.n_ctx, threads=args.threads)
+            deadline = time.monotonic() + 120
+            while not state.worker_stats(0).exists():
+                if worker.poll() is not None or time.monotonic() > deadline:
+                    print(state.worker_log(0).read_text(errors="replace"), file=sys.stderr)
+                    return 1
+                await anyio.sleep(0.1)
+
+            silence_native_logs()
+            llm = llama_cpp.Llama(model_path=str(model), n_ctx=args.n_ctx, n_threads=args.threads, verbose=False)
+            direct: list[Sample] = []
+            encrypted: list[Sample] = []
+            mismatched = 0
+            async with await Client.connect(url, policy) as client:
+                await client.ask_text([ChatMessage("user", "warm up")], GenerationParams(max_tokens=8, temperature=0.0))
+                run_direct(llm, "warm up", 8)
+                for round_index in range(args.rounds):
+                    for prompt_id, prompt in prompts:
+                        e_ttft, e_gen, tokens, e_text = await run_encrypted(client, prompt, args.max_tokens)
+                        d_ttft, d_gen, d_text = run_direct(llm, prompt, args.max_tokens)
+                        if d_text != e_text:
+                            mismatched += 1
+                        encrypted.append(Sample(prompt_id, e_ttft, e_gen, tokens, e_text))
+                        direct.append(Sample(prompt_id, d_ttft, d_gen, tokens, d_text))
+                        print(
+                            f"round {round_index + 1} {prompt_id}: {tokens} tokens, "
+                            f"direct {d_ttft * 1000:.0f} ms TTFT, encrypted {e_ttft * 1000:.0f} ms TTFT",
+                            file=sys.stderr,
+                        )
+        finally:
+            if worker is not None:
+                stack.stop_process(worker.pid)
+            stack.stop_process(broker.pid)
+
+    d = summarise("direct llama-cpp-python", direct)
+    e = summarise("confide encrypted path", encrypted)
+    print(f"date:     {time.strftime('%Y-%m-%d')}")
+    print(f"machine:  {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}")
+    print(f"model:    {model.name}, n_ctx {args.n_ctx}, {args.threads} threads, greedy, max_tokens {args.max_tokens}")
+    print(f"prompts:  {len(prompts)} x {args.rounds} rounds; texts that differed between paths: {mismatched}")
+    print()
+    print("| path | tokens | tokens/s | TTFT median (ms) | TTFT mean (ms) |")
+    print("|---|---:|---:|---:|---:|")
+    for row in (d, e):
+        print(f"| {row['name']} | {row['tokens']} | {row['tokens_per_s']:.1f} | {row['ttft_median_ms']:.1f} | {row['ttft_mean_ms']:.1f} |")
+    print()
+    print(f"throughput ratio (encrypted / direct): {e['tokens_per_s'] / d['tokens_per_s']:.3f}  (goal >= 0.97)")
+    print(f"TTFT ratio, median (encrypted / direct): {e['ttft_median_ms'] / d['ttft_median_ms']:.3f}  (goal <= 1.05)")
+    return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=1, help="passes over the prompt set")
+    parser.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt")
+    parser.add_argument("--n-ctx", type=int, default=DEFAULT_N_CTX, help="model context size")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp threads on both paths")
+    parser.add_argument("--limit", type=int, default=0, help="use only the first N prompts (0: all)")
+    args = parser.parse_args()
+    sys.exit(anyio.run(bench, args))
+
+
+if __name__ == "__main__":
+    main()
