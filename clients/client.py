@@ -46,8 +46,8 @@ from confide.schemas.reply_keys import ReplyReceiver
 
 log = logging.getLogger("confide.client")
 
-# Sealed timestamps are rounded down to this many seconds so they say little
-# about when exactly a person wrote.
+# Sealed timestamps are rounded down to this many seconds so they reveal
+# little about when exactly a person wrote.
 TIMESTAMP_GRANULARITY_S = 60
 # NATS protocol framing around a published payload: the PUB/HPUB line with
 # subject, sizes and CRLFs. Counted so the size check matches the server's.
@@ -56,7 +56,7 @@ PUBLISH_FRAMING = 128
 
 @dataclass(frozen=True)
 class PendingJob:
-    """A job the broker accepted; holds the keys to read its reply."""
+    """A job the broker accepted, with the keys to read its reply."""
 
     receiver: ReplyReceiver
     reply_subject: str
@@ -113,7 +113,7 @@ class Client:
             kv = await self._js.key_value(subjects.POOL_BUCKET)
             entry = await kv.get(subjects.ATTESTATION_KEY)
         except (nats.js.errors.BucketNotFoundError, nats.js.errors.KeyNotFoundError, nats.js.errors.NotFoundError):
-            raise AttestationError("the broker holds no pool attestation document: no worker has joined the pool yet") from None
+            raise AttestationError("the pool attestation document was not found on the broker: no worker has joined the pool yet; start one with 'confide up' or 'confide worker'") from None
         except nats.errors.Error as exc:
             raise BrokerError(f"reading the pool attestation failed: {type(exc).__name__}") from None
         if not entry.value:

@@ -210,7 +210,7 @@ def _client_options(function):
     function = state_dir_option(function)
     function = broker_option(function)
     function = click.option("--trust", type=click.Path(dir_okay=False, path_type=Path), help="Trust policy JSON [default: STATE_DIR/trust.json].")(function)
-    function = click.option("--max-tokens", type=click.IntRange(1, 32768), default=512, show_default=True, help="Most tokens to generate.")(function)
+    function = click.option("--max-tokens", type=click.IntRange(1, 32768), default=512, show_default=True, help="Maximum number of tokens to generate.")(function)
     function = click.option("--temperature", type=click.FloatRange(0.0, 2.0), default=0.7, show_default=True, help="Sampling temperature; 0 is greedy.")(function)
     function = click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=None, help="Sampling seed, for repeatable replies.")(function)
     function = click.option("--timeout", type=click.FloatRange(1, 86400), default=300, show_default=True, help="Seconds to wait between reply chunks.")(function)

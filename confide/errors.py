@@ -45,8 +45,8 @@ class DecodeError(RemoteProtocolError):
 class AuthenticationError(RemoteProtocolError):
     """Opaque failure to open or verify a sealed, signed or encrypted value.
 
-    It deliberately says nothing about which check failed; callers count the
-    reason themselves.
+    It deliberately reveals nothing about which check failed, so callers count
+    the reason themselves.
     """
 
     def __init__(self) -> None:
@@ -58,7 +58,7 @@ class AttestationError(ConfideError):
 
 
 class ReplyError(ConfideError):
-    """The worker answered the job with an authenticated error reply."""
+    """The worker rejected the job with an authenticated error reply."""
 
     def __init__(self, code: str, detail: str) -> None:
         super().__init__(f"the worker rejected the job ({code}): {detail}")

@@ -1,9 +1,9 @@
 """Verification of attestation documents, shared by clients and pool members.
 
-A document passes only if every check can be made and succeeds: the platform
-is one the policy trusts, its key is pinned, the signature verifies, the
-measurement is in the allowed set, the document is fresh and its purpose is
-the expected one. A missing expected value is a failure, never a pass.
+A document passes only if every check can be made and succeeds. The checks:
+the policy pins a key for the document's platform, the signature verifies,
+the measurement is in the allowed set, the document is fresh and its purpose
+is the expected one. A missing expected value is a failure, never a pass.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from confide.schemas.messages import AttestationBody, SignedDocument
 
 @dataclass(frozen=True)
 class TrustPolicy:
-    """What a verifier accepts: pinned platform keys and allowed measurements."""
+    """Pinned platform keys and allowed measurements that a verifier accepts."""
 
     platform_keys: dict[str, bytes]
     measurements: frozenset[bytes]

@@ -1,8 +1,8 @@
 """msgpack encoding with explicit limits, and the field checks every decoder shares.
 
 Every message from the network is decoded exactly once, here, with limits on
-the buffer and on every string, binary, array and map; extension types and
-timestamps are rejected; strings must be strict UTF-8; map keys must be
+the buffer and on every string, binary, array and map. Extension types and
+timestamps are rejected, strings must be strict UTF-8 and map keys must be
 strings from a fixed set. Anything else raises DecodeError with a stable
 `reason` that the caller counts.
 """

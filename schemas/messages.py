@@ -49,7 +49,7 @@ def key_id_for(pool_public: bytes) -> bytes:
 def reply_subject_token(reply_token: bytes) -> str:
     """Return the hex name of a job's reply subject, one-way from the reply token.
 
-    The broker sees this name but cannot recover the token from it.
+    The broker stores this name but cannot recover the token from it.
     """
     return crypto.digest(reply_token, REPLY_SUBJECT_PERSON, 16).hex()
 
@@ -167,7 +167,7 @@ class JobRequest:
 
 
 def bucket_for(size: int) -> int:
-    """Return the smallest padding bucket that holds `size` bytes plus sodium_pad's marker."""
+    """Return the smallest padding bucket with room for `size` bytes plus sodium_pad's marker."""
     for bucket in PAD_BUCKETS:
         if size < bucket:
             return bucket
@@ -244,7 +244,7 @@ def chunk_associated_data(attempt: int, index: int, final: bool, worker_key: byt
 class ChunkBody:
     """The plaintext of a reply chunk.
 
-    The final chunk carries the finish reason and token counts; an error reply
+    The final chunk carries the finish reason and token counts. An error reply
     is a final chunk with finish "error", a stable `error` code and a `detail`
     sentence for the user.
     """
@@ -309,7 +309,7 @@ def _round_up(size: int, block: int) -> int:
 
 @dataclass(frozen=True, repr=False)
 class AttestationBody:
-    """What the (possibly simulated) TEE platform signs about one worker key.
+    """A TEE platform's signed statement (possibly simulated) about one worker key.
 
     purpose "pool" binds the pool's sealing key and is what clients verify;
     purpose "join" binds a joining worker's one-time key for key release.
@@ -392,7 +392,7 @@ class SignedDocument:
 
 @dataclass(frozen=True, repr=False)
 class KeyRelease:
-    """A pool member's answer to a join request: the pool key sealed to the joiner."""
+    """A pool member's response to a join request: the pool key sealed to the joiner."""
 
     sealed: bytes
 

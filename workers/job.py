@@ -2,8 +2,8 @@
 
 Every byte of the message is hostile until it authenticates. A job that can
 never succeed (undecodable, sealed to an unknown key, failing to open) is
-terminated so JetStream does not redeliver it; once the reply token is
-readable, every failure is answered with an authenticated error reply.
+terminated so JetStream does not redeliver it. Once the reply token is
+readable, every failure gets an authenticated error reply.
 """
 
 from __future__ import annotations
@@ -87,7 +87,10 @@ class JobRunner:
         self._limiter = anyio.CapacityLimiter(1)
 
     async def run(self, message: Msg) -> None:
-        """Process one pulled job; never raises for anything the message contains."""
+        """Process one pulled job; bad message content ends in a rejection, not an exception.
+
+        Broker failures (publish or ack) do raise, and the caller logs them.
+        """
         started = time.monotonic()
         metadata = message.metadata
         attempt = metadata.num_delivered
@@ -122,7 +125,7 @@ class JobRunner:
 
         keys = self._pool.keys_for(envelope.key_id)
         if keys is None:
-            # TODO: answer "unknown key" once key epochs exist; the token is unreadable here.
+            # TODO: send an "unknown key" reply once key epochs exist; the token is unreadable here.
             await self._terminate(message, "unknown_key", sequence)
             return None
         try:

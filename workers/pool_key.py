@@ -6,7 +6,7 @@ Protocol (all over NATS, no secret ever in clear):
    attestation, purpose "join", binding a one-time X25519 key) on the key
    release subject.
 2. A member verifies the join document against its own platform root and
-   its own measurement, and answers with the pool's secret key sealed to the
+   its own measurement, and responds with the pool's secret key sealed to the
    joiner's one-time key. A joiner that fails the check gets a refusal and
    the member logs the reason, never a key.
 3. If no document exists, or no member answers, the worker creates a key
@@ -64,8 +64,8 @@ class PoolKeyHolder:
         self._identity = identity
         self._policy = identity.member_policy(platform_verify_key)
         self.keys: crypto.KeyPair | None = None
-        # Subscribed before the key's document is published, so no joiner
-        # can find the document while nobody answers for it.
+        # Subscribed before the key's document is published, so a joiner
+        # never finds a document that no member serves.
         self._subscription: Subscription | None = None
 
     def keys_for(self, key_id: bytes) -> crypto.KeyPair | None:
@@ -109,13 +109,13 @@ class PoolKeyHolder:
         try:
             reply = await self._nc.request(subjects.KEY_RELEASE_SUBJECT, join_document.to_wire(), timeout=JOIN_TIMEOUT_S)
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
-            log.info("no pool member answered the key release request; the pool key will be replaced")
+            log.info("no pool member responded to the key release request; the pool key will be replaced")
             return False
 
         try:
             secret = crypto.unseal(KeyRelease.from_wire(reply.data).sealed, join_keys)
         except (DecodeError, AuthenticationError):
-            raise RuntimeError("a pool member refused to release the pool key to this worker (measurement or platform mismatch)") from None
+            raise RuntimeError("a pool member rejected the key release request: this worker's measurement or platform differs from the pool's") from None
         finally:
             join_keys.erase()
         keys = crypto.KeyPair(secret)
@@ -156,7 +156,7 @@ class PoolKeyHolder:
         await self._kv.put(subjects.ATTESTATION_KEY, self._attest(self.keys.public))
 
     async def serve_key_release(self) -> None:
-        """Answer join requests until cancelled; call after join_or_create."""
+        """Respond to join requests until cancelled; call after join_or_create."""
         subscription = self._subscription
         assert subscription is not None and self.keys is not None
         try:
@@ -172,7 +172,7 @@ class PoolKeyHolder:
         try:
             body = verify_document(unverified, self._policy, purpose="join")
         except AttestationError as exc:
-            log.warning("key release refused to a joining worker: %s", exc)
+            log.warning("key release refused: rejected a joining worker: %s", exc)
             return REFUSAL
 
         log.info("pool key released to a joining worker with key %s", crypto.fingerprint(body.key))

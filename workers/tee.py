@@ -1,7 +1,7 @@
 """The TEE boundary: a backend signs reports that bind a key to a measurement.
 
 A real backend (configfs-tsm on SEV-SNP or TDX) would ask the CPU for a
-report whose report data holds a hash of the key. The simulated backend
+report whose report data contains a hash of the key. The simulated backend
 stands in for the CPU vendor's root of trust with a software Ed25519 key
 and marks every document it signs as simulated.
 """
@@ -34,7 +34,7 @@ class SimulatedTee(TeeBackend):
 
     It protects nothing: the worker runs as an ordinary process and the
     platform key is a file. It exists so the whole protocol runs without
-    TEE hardware, and every document it signs says `simulated: true`.
+    TEE hardware, and every document it signs carries `simulated: true`.
     """
 
     platform = "simulated"

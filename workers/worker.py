@@ -1,4 +1,4 @@
-"""The worker process: join the pool, then pull, run and answer jobs until stopped."""
+"""The worker process: join the pool, then pull and run jobs and publish their replies until stopped."""
 
 from __future__ import annotations
 
