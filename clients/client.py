@@ -52,6 +52,8 @@ TIMESTAMP_GRANULARITY_S = 60
 # NATS protocol framing around a published payload: the PUB/HPUB line with
 # subject, sizes and CRLFs. Counted so the size check matches the server's.
 PUBLISH_FRAMING = 128
+# "Nats-Msg-Id: <32 hex digits>" plus the NATS/1.0 header line and CRLFs.
+MESSAGE_ID_HEADER_SIZE = 64
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,41 @@ class PendingJob:
 
     def __repr__(self) -> str:
         return f"PendingJob(seq={self.stream_sequence})"
+
+
+@dataclass(frozen=True, repr=False)
+class PreparedJob:
+    """A sealed job ready to publish, with everything needed to read its reply later.
+
+    `message_id` is a random per-job value sent as the Nats-Msg-Id header so a
+    republished job is deduplicated; it names no client.
+    """
+
+    envelope: bytes
+    message_id: str
+    job_id: bytes
+    reply_token: bytes
+    client_secret: bytes
+
+    def pending(self, stream_sequence: int) -> PendingJob:
+        receiver = ReplyReceiver(self.job_id, self.reply_token, crypto.KeyPair(self.client_secret))
+        return PendingJob(receiver, subjects.reply_subject(self.reply_token), stream_sequence)
+
+    def to_secrets(self) -> dict[str, object]:
+        return {
+            "envelope": self.envelope,
+            "message_id": self.message_id,
+            "job_id": self.job_id,
+            "reply_token": self.reply_token,
+            "client_secret": self.client_secret,
+        }
+
+    @classmethod
+    def from_secrets(cls, secrets: dict) -> PreparedJob:
+        return cls(secrets["envelope"], secrets["message_id"], secrets["job_id"], secrets["reply_token"], secrets["client_secret"])
+
+    def __repr__(self) -> str:
+        return f"PreparedJob(envelope=[{len(self.envelope)} bytes])"
 
 
 @dataclass(frozen=True)
@@ -124,6 +161,12 @@ class Client:
 
     async def submit(self, messages: Sequence[ChatMessage], params: GenerationParams = GenerationParams()) -> PendingJob:
         """Seal a job to the attested pool key and publish it; return once JetStream stored it."""
+        prepared = await self.prepare(messages, params)
+        sequence = await self.publish(prepared)
+        return prepared.pending(sequence)
+
+    async def prepare(self, messages: Sequence[ChatMessage], params: GenerationParams = GenerationParams()) -> PreparedJob:
+        """Seal a job to the attested pool key without publishing it."""
         if not messages or not messages[-1].content.strip():
             raise EmptyPromptError()
         pool = await self.attest()
@@ -140,20 +183,35 @@ class Client:
             raise JobTooLargeError(_unpadded_size(request), min(limit, PAD_BUCKETS[-1])) from None
         envelope = JobEnvelope(pool.key_id, crypto.seal(padded, pool.key)).to_wire()
 
-        if len(envelope) + PUBLISH_FRAMING > limit:
-            raise JobTooLargeError(len(envelope) + PUBLISH_FRAMING, limit)
+        if len(envelope) + PUBLISH_FRAMING + MESSAGE_ID_HEADER_SIZE > limit:
+            raise JobTooLargeError(len(envelope) + PUBLISH_FRAMING + MESSAGE_ID_HEADER_SIZE, limit)
+        return PreparedJob(envelope, crypto.random_bytes(16).hex(), job_id, reply_token, client_keys.secret)
 
-        receiver = ReplyReceiver(job_id, reply_token, client_keys)
+    async def publish(self, prepared: PreparedJob) -> int:
+        """Publish a prepared job and return its stream sequence once JetStream stored it.
+
+        Publishing the same prepared job again within the jobs stream's
+        duplicate window stores nothing new: the message id deduplicates it.
+        """
         try:
-            ack = await self._js.publish(subjects.JOBS_SUBJECT, envelope, stream=subjects.JOBS_STREAM)
+            ack = await self._js.publish(
+                subjects.JOBS_SUBJECT,
+                prepared.envelope,
+                stream=subjects.JOBS_STREAM,
+                headers={"Nats-Msg-Id": prepared.message_id},
+            )
         except nats.errors.Error as exc:
-            receiver.finish()
             raise BrokerError(f"the broker did not accept the job: {type(exc).__name__}") from None
-        return PendingJob(receiver, subjects.reply_subject(reply_token), ack.seq)
+        return ack.seq
 
-    async def replies(self, job: PendingJob) -> AsyncIterator[ReplyEvent]:
-        """Yield the job's reply as it arrives; raise on tampering, an error reply or a timeout."""
+    async def replies(self, job: PendingJob, first_chunk_timeout_s: float | None = None) -> AsyncIterator[ReplyEvent]:
+        """Yield the job's reply as it arrives; raise on tampering, an error reply or a timeout.
+
+        `first_chunk_timeout_s` bounds the wait for the first chunk (a queued
+        job may wait long for a worker); later chunks wait reply_timeout_s.
+        """
         receiver = job.receiver
+        timeout = first_chunk_timeout_s or self.reply_timeout_s
         subscription = await self._js.subscribe(
             job.reply_subject,
             stream=subjects.REPLIES_STREAM,
@@ -163,11 +221,12 @@ class Client:
         try:
             while not receiver.complete:
                 try:
-                    message = await subscription.next_msg(timeout=self.reply_timeout_s)
+                    message = await subscription.next_msg(timeout=timeout)
                 except nats.errors.TimeoutError:
                     raise ReplyIncompleteError(
-                        f"no reply chunk for {self.reply_timeout_s:.0f} s and the final chunk never came; the reply is incomplete"
+                        f"no reply chunk for {timeout:.0f} s and the final chunk never came; the reply is incomplete"
                     ) from None
+                timeout = self.reply_timeout_s
                 try:
                     chunk = ReplyChunk.from_wire(message.data)
                 except DecodeError as exc:
