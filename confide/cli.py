@@ -312,6 +312,200 @@ async def _chat(url: str, trust_path: Path, params, timeout: float) -> None:
             history.append(ChatMessage("assistant", reply))
 
 
+# -- batch jobs ------------------------------------------------------------------------
+
+
+def _outbox_options(function):
+    function = click.option(
+        "--outbox",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Outbox database (encrypted at rest) [default: STATE_DIR/outbox.sqlite3].",
+    )(function)
+    function = click.option(
+        "--key-source",
+        type=click.Choice(["file", "fido2"]),
+        default="file",
+        show_default=True,
+        help="What unlocks the outbox: a device key file or a FIDO2 authenticator with the PRF extension.",
+    )(function)
+    return function
+
+
+def _open_outbox(state_dir: Path, outbox: Path | None, key_source: str):
+    from confide.clients.keysource import SoftwareKeyFile
+    from confide.clients.outbox import OUTBOX_PERSON_CONTEXT, Outbox
+
+    if key_source == "fido2":
+        source = _fido2_source(state_dir)
+    else:
+        source = SoftwareKeyFile(state_dir / "device.key")
+    return Outbox(outbox or state_dir / "outbox.sqlite3", source.derive(OUTBOX_PERSON_CONTEXT))
+
+
+def _fido2_source(state_dir: Path):
+    from confide.clients.keysource import Fido2KeySource
+
+    try:
+        from fido2.client import DefaultClientDataCollector, Fido2Client
+        from fido2.hid import CtapHidDevice
+    except ImportError:
+        _fail("FIDO2 support needs the fido2 package: pip install fido2")
+    devices = list(CtapHidDevice.list_devices())
+    if not devices:
+        _fail("no FIDO2 authenticator found; plug one in or use --key-source file")
+    client = Fido2Client(devices[0], DefaultClientDataCollector("https://confide.local"))
+    return Fido2KeySource(client, state_dir / "fido2-credential.json")
+
+
+class _BatchDisplay:
+    """A progress bar with submitted, running, done and failed counts, rate and time left."""
+
+    def __init__(self, total: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("[bold]batch"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("submitted {task.fields[submitted]} · running {task.fields[running]} · done {task.fields[done]} · failed {task.fields[failed]}"),
+            TextColumn("{task.fields[rate]}"),
+            TimeRemainingColumn(),
+            console=None,
+            transient=False,
+        )
+        self._task = self._progress.add_task("batch", total=total, submitted=0, running=0, done=0, failed=0, rate="")
+
+    def __enter__(self):
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self._progress.stop()
+
+    def update(self, counts) -> None:
+        task = self._progress.tasks[self._task]
+        rate = f"{task.speed:.1f} jobs/s" if task.speed else ""
+        self._progress.update(
+            self._task,
+            total=counts.total,
+            completed=counts.finished,
+            submitted=counts.submitted,
+            running=counts.running,
+            done=counts.done,
+            failed=counts.failed,
+            rate=rate,
+        )
+
+
+@main.command()
+@click.argument("input_file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Results JSONL, written in input order.")
+@click.option("--detach", is_flag=True, help="Submit every job and exit; collect later with 'confide fetch'.")
+@_outbox_options
+@_client_options
+def batch(input_file: Path, output: Path, detach: bool, outbox: Path | None, key_source: str, state_dir: Path, broker: str | None, trust: Path | None, max_tokens: int, temperature: float, seed: int | None, timeout: float) -> None:
+    """Submit each line of INPUT_FILE (JSONL with "prompt" and optional "id") as its own sealed job.
+
+    Run it again after an interruption: it continues where it stopped and
+    does not resubmit accepted jobs.
+    """
+    from confide.clients.batch import BatchSettings, read_input
+    from confide.schemas.messages import GenerationParams
+
+    url, trust_path = _resolve(state_dir, broker, trust)
+    try:
+        batch_id, rows = read_input(input_file)
+    except ConfideError as exc:
+        _fail(str(exc))
+    settings = BatchSettings(GenerationParams(max_tokens=max_tokens, temperature=temperature, seed=seed))
+    store = _open_outbox(state_dir, outbox, key_source)
+    try:
+        added = store.add_batch(batch_id, str(output.resolve()), rows)
+        click.echo(f"batch {batch_id}: {len(rows)} prompts ({added} new, {len(rows) - added} already in the outbox)", err=True)
+        anyio.run(_run_batch, url, trust_path, timeout, store, batch_id, output, settings, detach)
+    except ConfideError as exc:
+        _fail(str(exc))
+    finally:
+        store.close()
+
+
+async def _run_batch(url, trust_path, timeout, store, batch_id, output, settings, detach) -> None:
+    from confide.clients.batch import BatchRunner, write_results
+    from confide.clients.client import Client
+    from confide.clients.outbox import JobState
+    from confide.clients.trust import load_trust
+
+    async with await Client.connect(url, load_trust(trust_path), reply_timeout_s=timeout) as client:
+        total = sum(store.counts(batch_id).values())
+        with _BatchDisplay(total) as display:
+            runner = BatchRunner(client, store, settings, display.update)
+            await runner.submit(batch_id)
+            if detach:
+                display.update(runner.counts)
+            else:
+                await runner.collect(batch_id)
+    counts = store.counts(batch_id)
+    if detach:
+        click.echo(f"submitted; run 'confide fetch' to collect the replies ({counts[JobState.ACCEPTED]} waiting)", err=True)
+        return
+    rows = write_results(store, batch_id, output)
+    click.echo(f"wrote {rows} results to {output} ({counts[JobState.DONE]} done, {counts[JobState.FAILED]} failed)", err=True)
+
+
+@main.command()
+@click.option("--wait", is_flag=True, help="Wait for every accepted job's reply instead of collecting only what has arrived.")
+@_outbox_options
+@_client_options
+def fetch(wait: bool, outbox: Path | None, key_source: str, state_dir: Path, broker: str | None, trust: Path | None, max_tokens: int, temperature: float, seed: int | None, timeout: float) -> None:
+    """Collect replies of detached batches and write the results of finished ones."""
+    from confide.clients.batch import BatchSettings
+
+    url, trust_path = _resolve(state_dir, broker, trust)
+    store = _open_outbox(state_dir, outbox, key_source)
+    try:
+        anyio.run(_fetch, url, trust_path, timeout, store, BatchSettings(), wait)
+    except ConfideError as exc:
+        _fail(str(exc))
+    finally:
+        store.close()
+
+
+async def _fetch(url, trust_path, timeout, store, settings, wait) -> None:
+    from confide.clients.batch import BatchRunner, write_results
+    from confide.clients.client import Client
+    from confide.clients.outbox import JobState
+    from confide.clients.trust import load_trust
+
+    async with await Client.connect(url, load_trust(trust_path), reply_timeout_s=timeout) as client:
+        runner = BatchRunner(client, store, settings)
+        await runner.collect(None, wait=wait)
+    for batch_id, output_path, total in store.batches():
+        counts = store.counts(batch_id)
+        finished = counts[JobState.DONE] + counts[JobState.FAILED]
+        if finished == total:
+            rows = write_results(store, batch_id, Path(output_path))
+            click.echo(f"batch {batch_id}: complete, wrote {rows} results to {output_path}")
+        else:
+            click.echo(f"batch {batch_id}: {finished} of {total} finished; run 'confide fetch' again later")
+
+
+@main.group()
+def keys() -> None:
+    """Manage the device key that unlocks the outbox."""
+
+
+@keys.command("init-fido2")
+@state_dir_option
+def init_fido2(state_dir: Path) -> None:
+    """Register a FIDO2 credential whose PRF output unlocks the outbox."""
+    source = _fido2_source(state_dir)
+    try:
+        source.register()
+    except ConfideError as exc:
+        _fail(str(exc))
+    click.echo(f"registered; use --key-source fido2 (credential in {source.credential_path})")
+
+
 # -- the worker ------------------------------------------------------------------------
 
 

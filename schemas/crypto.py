@@ -180,6 +180,31 @@ def aead_decrypt(key: bytes, ciphertext: bytes, associated_data: bytes) -> bytes
         raise AuthenticationError() from None
 
 
+def encrypt_at_rest(key: bytes, plaintext: bytes, associated_data: bytes) -> bytes:
+    """XChaCha20-Poly1305 with a random 24-byte nonce, returned as nonce || ciphertext.
+
+    For values stored on the device, where one key encrypts many records, so
+    the nonce must be random rather than fixed. Random 192-bit nonces do not
+    collide in practice (XChaCha20's reason to exist).
+    """
+    _check_key(key, "storage key")
+
+    nonce = random_bytes(len(AEAD_ZERO_NONCE))
+    return nonce + sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(plaintext, associated_data, nonce, key)
+
+
+def decrypt_at_rest(key: bytes, stored: bytes, associated_data: bytes) -> bytes:
+    _check_key(key, "storage key")
+    nonce_size = len(AEAD_ZERO_NONCE)
+    if len(stored) < nonce_size + AEAD_TAG_SIZE:
+        raise AuthenticationError()
+
+    try:
+        return sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(stored[nonce_size:], associated_data, stored[:nonce_size], key)
+    except nacl.exceptions.CryptoError:
+        raise AuthenticationError() from None
+
+
 class SigningKey:
     """An Ed25519 signing key whose repr shows only the verify key's fingerprint."""
 

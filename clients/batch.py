@@ -1,0 +1,231 @@
+"""Batch jobs: submit many prompts, collect the replies later, lose nothing.
+
+Every job is written to the outbox (encrypted at rest) before it is
+published, and its acceptance is recorded when JetStream acknowledges it, so
+a run that is interrupted and started again continues where it stopped
+without resubmitting an accepted job. Results are written in input order
+once every job of the batch is done or failed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import nats.errors
+import nats.js.errors
+
+from confide.clients.client import Client, PreparedJob
+from confide.clients.outbox import JobState, Outbox, OutboxJob
+from confide.errors import (
+    AuthenticationError,
+    BrokerError,
+    ConfideError,
+    ReplyError,
+    ReplyIncompleteError,
+    ReplyOrderError,
+)
+from confide.schemas import crypto, subjects
+from confide.schemas.messages import ChatMessage, GenerationParams
+
+log = logging.getLogger("confide.batch")
+
+BATCH_PERSON = b"confide:batch:v1"
+PUBLISH_CONCURRENCY = 64
+READ_CONCURRENCY = 8
+RETRY_DELAY_S = 0.5
+
+
+class BatchInputError(ConfideError):
+    """The batch input file is not valid JSONL with a prompt on every line."""
+
+
+@dataclass
+class BatchCounts:
+    total: int = 0
+    submitted: int = 0
+    running: int = 0
+    done: int = 0
+    failed: int = 0
+
+    @property
+    def finished(self) -> int:
+        return self.done + self.failed
+
+
+@dataclass
+class BatchSettings:
+    params: GenerationParams = field(default_factory=GenerationParams)
+    first_chunk_timeout_s: float = 3600.0
+    publish_concurrency: int = PUBLISH_CONCURRENCY
+    read_concurrency: int = READ_CONCURRENCY
+
+
+def read_input(path: Path) -> tuple[str, list[tuple[str, str]]]:
+    """Parse JSONL rows of {"id"?, "prompt"}; return the batch id and (id, prompt) rows."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BatchInputError(f"cannot read {path}: {exc.strerror}") from None
+
+    rows = []
+    for number, line in enumerate(data.decode("utf-8", errors="strict").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise BatchInputError(f"{path}:{number}: not valid JSON") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise BatchInputError(f'{path}:{number}: each line must be an object with a string "prompt"')
+        rows.append((str(row.get("id", number)), row["prompt"]))
+    if not rows:
+        raise BatchInputError(f"{path} has no prompts")
+    return crypto.digest(data, BATCH_PERSON, 16).hex(), rows
+
+
+class BatchRunner:
+    def __init__(self, client: Client, outbox: Outbox, settings: BatchSettings, on_progress: Callable[[BatchCounts], None] = lambda counts: None) -> None:
+        self._client = client
+        self._outbox = outbox
+        self._settings = settings
+        self._on_progress = on_progress
+        self.counts = BatchCounts()
+
+    def _count_from_outbox(self, batch_id: str | None) -> None:
+        self.counts = BatchCounts()
+        batches = [batch_id] if batch_id else [row[0] for row in self._outbox.batches()]
+        for name in batches:
+            counts = self._outbox.counts(name)
+            self.counts.total += sum(counts.values())
+            self.counts.submitted += counts[JobState.ACCEPTED] + counts[JobState.DONE] + counts[JobState.FAILED]
+            self.counts.done += counts[JobState.DONE]
+            self.counts.failed += counts[JobState.FAILED]
+        self._on_progress(self.counts)
+
+    async def submit(self, batch_id: str) -> None:
+        """Publish every pending job of the batch, retrying through broker restarts."""
+        self._count_from_outbox(batch_id)
+        limiter = anyio.Semaphore(self._settings.publish_concurrency)
+        async with anyio.create_task_group() as tg:
+            for job in self._outbox.jobs(batch_id, (JobState.PENDING,)):
+                await limiter.acquire()
+                tg.start_soon(self._submit_one, job, limiter)
+
+    async def _submit_one(self, job: OutboxJob, limiter: anyio.Semaphore) -> None:
+        try:
+            if not (job.prompt or "").strip() and job.secrets is None:
+                self._outbox.finish(job, {"error": {"code": "empty_prompt", "message": "the prompt is empty"}}, failed=True)
+                self.counts.submitted += 1
+                self.counts.failed += 1
+                self._on_progress(self.counts)
+                return
+            if job.secrets is None:
+                prepared = await self._client.prepare([ChatMessage("user", job.prompt or "")], self._settings.params)
+                self._outbox.save_secrets(job, prepared.to_secrets())
+            else:
+                prepared = PreparedJob.from_secrets(job.secrets)
+
+            sequence = await self._publish_until_accepted(prepared)
+            self._outbox.mark_accepted(job, sequence)
+            self.counts.submitted += 1
+            self._on_progress(self.counts)
+        except ConfideError as exc:
+            self._outbox.finish(job, {"error": {"code": type(exc).__name__, "message": str(exc)}}, failed=True)
+            self.counts.submitted += 1
+            self.counts.failed += 1
+            self._on_progress(self.counts)
+        finally:
+            limiter.release()
+
+    async def _publish_until_accepted(self, prepared: PreparedJob) -> int:
+        while True:
+            try:
+                return await self._client.publish(prepared)
+            except BrokerError as exc:
+                log.warning("publishing failed (%s); retrying in %.1f s", exc, RETRY_DELAY_S)
+                await anyio.sleep(RETRY_DELAY_S)
+
+    async def collect(self, batch_id: str | None = None, wait: bool = True) -> None:
+        """Read the replies of accepted jobs into the outbox.
+
+        With wait=False, jobs whose reply has not started are left for a later call.
+        """
+        self._count_from_outbox(batch_id)
+        limiter = anyio.Semaphore(self._settings.read_concurrency)
+        async with anyio.create_task_group() as tg:
+            for job in self._outbox.jobs(batch_id, (JobState.ACCEPTED,)):
+                if not wait and not await self._reply_started(job):
+                    continue
+                await limiter.acquire()
+                tg.start_soon(self._collect_one, job, limiter)
+
+    async def _reply_started(self, job: OutboxJob) -> bool:
+        assert job.secrets is not None
+        subject = subjects.reply_subject(job.secrets["reply_token"])
+        try:
+            await self._client._js.get_last_msg(subjects.REPLIES_STREAM, subject)
+        except nats.js.errors.NotFoundError:
+            return False
+        return True
+
+    async def _collect_one(self, job: OutboxJob, limiter: anyio.Semaphore) -> None:
+        try:
+            result, failed = await self._read_reply(job)
+            self._outbox.finish(job, result, failed)
+            if failed:
+                self.counts.failed += 1
+            else:
+                self.counts.done += 1
+            self._on_progress(self.counts)
+        finally:
+            limiter.release()
+
+    async def _read_reply(self, job: OutboxJob) -> tuple[dict, bool]:
+        """Read one reply from its first stored chunk, starting over after a broker failure."""
+        assert job.secrets is not None
+        while True:
+            pending = PreparedJob.from_secrets(job.secrets).pending(job.secrets["stream_sequence"])
+            parts: list[str] = []
+            started = False
+            try:
+                async for event in self._client.replies(pending, first_chunk_timeout_s=self._settings.first_chunk_timeout_s):
+                    if not started:
+                        started = True
+                        self.counts.running += 1
+                        self._on_progress(self.counts)
+                    if event.restarted:
+                        parts.clear()
+                    parts.append(event.text)
+                    if event.final:
+                        return {"reply": "".join(parts), "finish": event.finish, "completion_tokens": event.completion_tokens}, False
+            except ReplyError as exc:
+                return {"error": {"code": exc.code, "message": exc.detail}}, True
+            except (AuthenticationError, ReplyOrderError) as exc:
+                return {"error": {"code": "reply_tampered", "message": str(exc)}}, True
+            except ReplyIncompleteError as exc:
+                return {"error": {"code": "no_reply", "message": str(exc)}}, True
+            except nats.errors.Error as exc:
+                log.warning("reading a reply failed (%s); starting that reply over", type(exc).__name__)
+                await anyio.sleep(RETRY_DELAY_S)
+            finally:
+                if started:
+                    self.counts.running -= 1
+
+
+def write_results(outbox: Outbox, batch_id: str, output: Path) -> int:
+    """Write the batch's results in input order, atomically; return the number of rows."""
+    temporary = output.with_name(output.name + ".partial")
+    rows = 0
+    with temporary.open("w", encoding="utf-8") as handle:
+        for job in outbox.jobs(batch_id):
+            record = {"id": job.input_id, **(job.result or {})}
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            rows += 1
+    os.replace(temporary, output)
+    return rows
