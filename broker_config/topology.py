@@ -28,7 +28,8 @@ MAX_PAYLOAD = 1024 * 1024
 @dataclass(frozen=True)
 class Topology:
     job_max_age_s: float = 24 * 3600.0
-    reply_ttl_s: float = 3600.0
+    # Long enough for a batch user or an offline phone to come back for replies.
+    reply_ttl_s: float = 24 * 3600.0
     ack_wait_s: float = 30.0
     max_deliver: int = 5
     duplicate_window_s: float = 120.0

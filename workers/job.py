@@ -40,6 +40,10 @@ class JobSettings:
     acceptance_window_s: int = 24 * 3600
     clock_skew_s: int = 300
     progress_interval_s: float = 10.0
+    # The consumer's max_deliver. The delivery numbered this is not run: it
+    # only sends an error reply, because every earlier attempt died with its
+    # worker, and JetStream would not deliver the job again.
+    max_deliver: int = 5
 
 
 class ReplayGuard:
@@ -108,6 +112,11 @@ class JobRunner:
         reply_subject = subjects.reply_subject(request.reply_token)
 
         problem = self._check(request, sequence)
+        if problem is None and attempt >= self._settings.max_deliver:
+            problem = (
+                "too_many_attempts",
+                f"the job was started {attempt - 1} times and each attempt ended without a reply; it will not be retried",
+            )
         if problem is not None:
             code, detail = problem
             await self._finish_with_error(message, sender, reply_subject, code, detail, sequence)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import anyio
@@ -58,7 +58,8 @@ async def run_worker(settings: WorkerSettings, *, task_status: anyio.abc.TaskSta
         log.info("pool key %s (%s)", "joined from a pool member" if how == "joined" else "created", how)
 
         stats = WorkerStats()
-        runner = JobRunner(js, engine, pool, stats, settings.jobs)
+        job_settings = replace(settings.jobs, max_deliver=settings.topology.max_deliver)
+        runner = JobRunner(js, engine, pool, stats, job_settings)
         consumer = await js.pull_subscribe_bind(durable=subjects.WORKERS_CONSUMER, stream=subjects.JOBS_STREAM)
 
         async with anyio.create_task_group() as tg:
