@@ -57,6 +57,14 @@ class AttestationError(ConfideError):
     """The pool's attestation could not be verified, so nothing may be sealed to it."""
 
 
+class TransparencyError(ConfideError):
+    """A transparency log proof or tree head failed verification, or a log file is damaged."""
+
+
+class TeeError(ConfideError):
+    """The TEE interface of this machine could not produce an attestation report."""
+
+
 class ReplyError(ConfideError):
     """The worker rejected the job with an authenticated error reply."""
 
