@@ -536,7 +536,10 @@ def worker(state_dir: Path, broker: str | None, model: Path | None, n_ctx: int |
         engine=EngineSettings(model_path, n_ctx or DEFAULT_N_CTX, threads),
         stats_path=stats_file,
     )
-    run(settings)
+    try:
+        run(settings)
+    except ConfideError as exc:
+        _fail(str(exc))
 
 
 if __name__ == "__main__":

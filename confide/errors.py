@@ -84,3 +84,7 @@ class ReplyOrderError(RemoteProtocolError):
 
 class BrokerError(ConfideError):
     """The broker could not be reached or refused an operation."""
+
+
+class PoolJoinError(ConfideError):
+    """A starting worker could not obtain the pool key, so it must not take jobs."""

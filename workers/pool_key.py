@@ -8,10 +8,16 @@ Protocol (all over NATS, no secret ever in clear):
 2. A member verifies the join document against its own platform root and
    its own measurement, and responds with the pool's secret key sealed to the
    joiner's one-time key. A joiner that fails the check gets a refusal and
-   the member logs the reason, never a key.
+   the member logs the reason, never a key. A refused worker stops with
+   PoolJoinError and leaves the pool's document as it is.
 3. If no document exists, or no member answers, the worker creates a key
    and publishes its document with a revision check, so of two workers that
    race only one key survives and the other joins it.
+
+A document that does not verify for the starting worker (another
+measurement, for example) is replaced only when no member answers for it:
+a running pool keeps its key, so a worker with other code or settings
+cannot take the pool's jobs away from it.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.subscription import Subscription
 from nats.js.kv import KeyValue
 
-from confide.errors import AttestationError, AuthenticationError, DecodeError
+from confide.errors import AttestationError, AuthenticationError, DecodeError, PoolJoinError
 from confide.schemas import crypto, subjects
 from confide.schemas.attestation import TrustPolicy, verify_document
 from confide.schemas.codec import encode
@@ -77,15 +83,18 @@ class PoolKeyHolder:
         """Obtain the pool key; return "joined" or "created"."""
         for _ in range(JOIN_ROUNDS):
             entry = await self._current_entry()
-            if entry is not None:
-                body = self._verify_pool_document(entry.value)
-                if body is not None and await self._join(body.key):
-                    return "joined"
-                if await self._create(revision=entry.revision):
+            if entry is None:
+                if await self._create(revision=None):
                     return "created"
-            elif await self._create(revision=None):
+                continue
+
+            body = self._verify_pool_document(entry.value)
+            if await self._join(body.key if body is not None else None):
+                return "joined"
+            # No member responded, so no running worker holds this document's key.
+            if await self._create(revision=entry.revision):
                 return "created"
-        raise RuntimeError(f"could not join or create the pool key after {JOIN_ROUNDS} rounds")
+        raise PoolJoinError(f"could not join or create the pool key after {JOIN_ROUNDS} rounds; check the broker and start the worker again")
 
     async def _current_entry(self) -> KeyValue.Entry | None:
         try:
@@ -98,10 +107,17 @@ class PoolKeyHolder:
         try:
             return verify_document(unverified, self._policy, purpose="pool")
         except AttestationError as exc:
-            log.info("existing pool document not usable, a new pool key will replace it: %s", exc)
+            log.info("the pool attestation document does not verify for this worker: %s; it is replaced only if no pool member responds", exc)
             return None
 
-    async def _join(self, pool_public: bytes) -> bool:
+    async def _join(self, pool_public: bytes | None) -> bool:
+        """Request the pool key from a member; return False when no member responds.
+
+        `pool_public` is the key of the pool document verified under this
+        worker's policy, or None when that document did not verify. A key
+        released against an unverified document is never used, because
+        nothing shows that the member who sent it is attested.
+        """
         join_keys = crypto.KeyPair.generate()
         join_document = self._identity.tee.attest(
             self._identity.measurement, "join", join_keys.public, self._identity.model, self._identity.attestation_lifetime_s
@@ -115,12 +131,23 @@ class PoolKeyHolder:
         try:
             secret = crypto.unseal(KeyRelease.from_wire(reply.data).sealed, join_keys)
         except (DecodeError, AuthenticationError):
-            raise RuntimeError("a pool member rejected the key release request: this worker's measurement or platform differs from the pool's") from None
+            raise PoolJoinError(
+                "a pool member rejected the key release request: this worker's measurement "
+                f"({self._identity.measurement.hex()[:16]}...) or platform differs from the pool's; "
+                "start it with the pool's code, model and --n-ctx, or stop the pool first"
+            ) from None
         finally:
             join_keys.erase()
         keys = crypto.KeyPair(secret)
+        if pool_public is None:
+            keys.erase()
+            raise PoolJoinError(
+                "a pool member released the pool key, but the pool attestation document does not verify for this "
+                "worker, so the key cannot be checked; see the log line above and start the worker again"
+            )
         if not crypto.constant_time_equal(keys.public, pool_public):
-            raise RuntimeError("the released key does not match the pool's attested key")
+            keys.erase()
+            raise PoolJoinError("the released key does not match the pool's attested key; start the worker again")
         self._subscription = await self._subscribe()
         self.keys = keys
         return True

@@ -13,6 +13,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 
 from confide.broker_config.topology import Topology, ensure_topology
+from confide.errors import PoolJoinError
 from confide.schemas import subjects
 from confide.workers.engine import Engine, EngineSettings
 from confide.workers.job import JobRunner, JobSettings
@@ -140,13 +141,20 @@ async def _write_stats(stats: WorkerStats, path: Path, interval_s: float) -> Non
 
 
 def main(settings: WorkerSettings) -> None:
-    """Run a worker in the foreground until SIGINT or SIGTERM."""
+    """Run a worker in the foreground until SIGINT or SIGTERM.
+
+    Raises PoolJoinError, outside any exception group, when the worker
+    cannot obtain the pool key.
+    """
 
     async def supervise() -> None:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_cancel_on_signal, tg.cancel_scope)
-            await run_worker(settings)
-            tg.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_cancel_on_signal, tg.cancel_scope)
+                await run_worker(settings)
+                tg.cancel_scope.cancel()
+        except* PoolJoinError as group:
+            raise group.exceptions[0] from None
 
     anyio.run(supervise)
 

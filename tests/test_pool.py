@@ -1,0 +1,192 @@
+"""The worker pool on real processes: joining by key release, sharing jobs, the CLI stack.
+
+Each test starts its own nats-server on a fresh store directory and port,
+and its own worker processes, so no test reads another's pool key or jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import nats
+import pytest
+
+from conftest import start_broker, start_worker, stop
+from confide.clients.client import Client
+from confide.schemas import subjects
+from confide.schemas.attestation import verify_document
+from confide.schemas.messages import ChatMessage, GenerationParams
+
+pytestmark = pytest.mark.anyio
+
+QUICK = GenerationParams(max_tokens=24, temperature=0.0)
+CONFIDE = str(Path(sys.executable).parent / "confide")
+# Generous: on two busy cores a worker loads the model and joins in a few seconds.
+START_TIMEOUT_S = 120
+
+
+@pytest.fixture
+def running():
+    """Collect the processes a test starts and stop them in reverse order when it ends, pass or fail."""
+    processes: list[subprocess.Popen] = []
+    yield processes
+    for process in reversed(processes):
+        stop(process)
+
+
+async def pool_entry(url: str) -> tuple[int, bytes]:
+    """Return the revision and bytes of the pool's attestation document in the bucket."""
+    nc = await nats.connect(url)
+    try:
+        kv = await nc.jetstream().key_value(subjects.POOL_BUCKET)
+        entry = await kv.get(subjects.ATTESTATION_KEY)
+        return entry.revision, entry.value
+    finally:
+        await nc.close()
+
+
+async def jobs_last_sequence(url: str) -> int:
+    nc = await nats.connect(url)
+    try:
+        return (await nc.jetstream().stream_info(subjects.JOBS_STREAM)).state.last_seq
+    finally:
+        await nc.close()
+
+
+def wait_for_exit(process: subprocess.Popen, timeout_s: float) -> int:
+    try:
+        return process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        stop(process)
+        raise AssertionError(f"the process did not exit within {timeout_s:.0f} s") from None
+
+
+async def test_second_worker_joins_and_shares_jobs(pool, tmp_path, running):
+    """A second worker joins by key release, both run jobs, and the second serves alone once the first stops."""
+    broker = start_broker(tmp_path / "broker")
+    running.append(broker.process)
+    first = start_worker(broker.url, pool, tmp_path, "first")
+    running.append(first.process)
+    document_before = await pool_entry(broker.url)
+
+    second = start_worker(broker.url, pool, tmp_path, "second")
+    running.append(second.process)
+
+    assert b"pool key created" in first.output()
+    assert b"pool key joined from a pool member" in second.output()
+    assert b"pool key released to a joining worker" in first.output()
+    assert await pool_entry(broker.url) == document_before
+
+    prompts = [f"Name one fruit that starts with the letter {letter}." for letter in "ABCDEF"]
+    replies: dict[int, str] = {}
+    async with await Client.connect(broker.url, pool.policy, reply_timeout_s=60) as client:
+        attested = await client.attest()
+        assert attested.key == verify_document(document_before[1], pool.policy, purpose="pool").key
+
+        async def ask(index: int) -> None:
+            replies[index] = await client.ask_text([ChatMessage("user", prompts[index])], QUICK)
+
+        async with anyio.create_task_group() as group:
+            for index in range(len(prompts)):
+                group.start_soon(ask, index)
+
+        assert sorted(replies) == list(range(len(prompts)))
+        assert all(reply.strip() for reply in replies.values())
+        assert b"job completed" in first.output(), "the first worker ran none of the jobs"
+        assert b"job completed" in second.output(), "the second worker ran none of the jobs"
+        assert b"unknown_key" not in first.output() + second.output()
+
+        stop(first.process)
+        assert first.process.returncode == 0
+        completed_before = second.output().count(b"job completed")
+        reply = await client.ask_text([ChatMessage("user", prompts[0])], QUICK)
+
+    assert reply == replies[0]
+    assert second.output().count(b"job completed") == completed_before + 1
+
+
+async def test_joiner_with_other_measurement_refused(pool, tmp_path, running):
+    """A worker measured with another context size gets no key, exits with an error, and leaves the pool as it was."""
+    broker = start_broker(tmp_path / "broker")
+    running.append(broker.process)
+    member = start_worker(broker.url, pool, tmp_path, "member")
+    running.append(member.process)
+    document_before = await pool_entry(broker.url)
+
+    log_path = tmp_path / "stranger.log"
+    with open(log_path, "wb") as log:
+        stranger = subprocess.Popen(
+            [sys.executable, "-m", "confide.cli", "worker", "--broker", broker.url,
+             "--platform-key", str(pool.platform_key_path), "--threads", "2", "--n-ctx", "2048"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    running.append(stranger)
+    status = wait_for_exit(stranger, START_TIMEOUT_S)
+    output = log_path.read_text(errors="replace")
+
+    assert status == 1
+    assert "confide: a pool member rejected the key release request" in output
+    assert "Traceback" not in output
+    refusals = [line for line in member.output().decode().splitlines() if "key release refused" in line]
+    assert len(refusals) == 1
+    # The line names the failed check and a measurement prefix, and carries no key material.
+    assert re.search(r"key release refused: rejected a joining worker: measurement [0-9a-f]{16}\.\.\. is not in the allowed set$", refusals[0])
+    assert await pool_entry(broker.url) == document_before
+
+    async with await Client.connect(broker.url, pool.policy, reply_timeout_s=60) as client:
+        assert (await client.ask_text([ChatMessage("user", "Say hello.")], QUICK)).strip()
+
+
+def confide(*arguments: str, stdin: str | None = None, timeout_s: float = START_TIMEOUT_S) -> subprocess.CompletedProcess:
+    return subprocess.run([CONFIDE, *arguments], input=stdin, capture_output=True, text=True, timeout=timeout_s)
+
+
+def test_cli_up_status_ask_down(tmp_path, prompts):
+    """`confide up`, `status`, `ask` (argument and stdin) and `down` work as a user runs them."""
+    state = str(tmp_path / "stack")
+    common = ["--state-dir", state]
+
+    started = confide("up", "--workers", "2", "--port", "0", *common)
+    try:
+        assert started.returncode == 0, started.stderr
+        assert "pool:    attested" in started.stdout
+        record = json.loads((tmp_path / "stack" / "stack.json").read_text())
+        assert len(record["worker_pids"]) == 2
+
+        status = confide("status", *common)
+        assert status.returncode == 0, status.stderr
+        assert "pool:    attested, platform simulated (SIMULATED TEE)" in status.stdout
+        assert "(running)" in status.stdout
+        assert "worker 0: running" in status.stdout
+        assert "worker 1: running" in status.stdout
+        assert "stream CONFIDE_JOBS" in status.stdout
+
+        asked = confide("ask", *common, "--max-tokens", "24", "--temperature", "0", prompts["p15"]["prompt"])
+        assert asked.returncode == 0, asked.stderr
+        assert asked.stdout.strip()
+        assert "SIMULATED TEE" in asked.stderr
+
+        hindi = prompts["p21"]["prompt"]
+        piped = confide("ask", *common, "--max-tokens", "24", "--temperature", "0", "-", stdin=hindi)
+        assert piped.returncode == 0, piped.stderr
+        assert piped.stdout.strip()
+
+        sequence_before = anyio.run(jobs_last_sequence, record["broker_url"])
+        empty = confide("ask", *common, "")
+        assert empty.returncode == 2
+        assert "the prompt is empty" in empty.stderr
+        assert empty.stdout == ""
+        assert anyio.run(jobs_last_sequence, record["broker_url"]) == sequence_before == 2
+    finally:
+        stopped = confide("down", *common)
+
+    assert stopped.returncode == 0, stopped.stderr
+    assert not (tmp_path / "stack" / "stack.json").exists()
+    assert "no local stack is recorded" in confide("status", *common).stderr
