@@ -7,6 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_STATE := .demo-state
 DEMO_PROMPT ?= p15
 PYTEST_ARGS ?=
+FUZZ_COUNT ?= 100000
 
 .PHONY: install demo test bench fuzz soak clean
 
@@ -34,6 +35,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m confide.bench
+
+# Sends FUZZ_COUNT hostile jobs to a worker on a broker of its own
+# (make fuzz FUZZ_COUNT=5000); docs/fuzzing.md records a full run.
+fuzz: $(STAMP)
+	$(BIN)/python tests/fuzz_worker.py --count $(FUZZ_COUNT)
 
 clean:
 	rm -rf $(VENV) $(DEMO_STATE) .pytest_cache .hypothesis *.egg-info
