@@ -31,7 +31,6 @@ from confide.schemas.messages import (
     JobEnvelope,
     JobRequest,
     KeyRelease,
-    ReplyChunk,
     SignedDocument,
     bucket_for,
     chunk_associated_data,
