@@ -46,6 +46,9 @@ class ReleaseLog:
         self._db = sqlite3.connect(path, isolation_level=None)
         try:
             self._initialize()
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise TransparencyError(f"{path} is not a readable release log ({exc}): check the path") from None
         except BaseException:
             self._db.close()
             raise

@@ -186,3 +186,12 @@ def test_unknown_schema_version_rejected(tmp_path):
 
     with pytest.raises(TransparencyError, match="schema version 7, expected 1"):
         ReleaseLog(path)
+
+
+def test_file_that_is_not_sqlite_rejected(tmp_path):
+    """A file that is not an SQLite database fails with its path."""
+    path = tmp_path / "releases.sqlite"
+    path.write_bytes(b"this is not a database" * 100)
+
+    with pytest.raises(TransparencyError, match="is not a readable release log"):
+        ReleaseLog(path)
