@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import anyio
 import nats
@@ -26,13 +27,16 @@ from confide.errors import (
     DecodeError,
     EmptyPromptError,
     JobTooLargeError,
+    LocalProtocolError,
     ReplyError,
     ReplyIncompleteError,
 )
 from confide.schemas import crypto, subjects
 from confide.schemas.attestation import TrustPolicy, verify_document
+from confide.schemas.codec import MAX_STRING
 from confide.schemas.messages import (
     JOB_ID_SIZE,
+    MAX_MESSAGES,
     PAD_BUCKETS,
     REPLY_TOKEN_SIZE,
     AttestationBody,
@@ -52,6 +56,9 @@ TIMESTAMP_GRANULARITY_S = 60
 # NATS protocol framing around a published payload: the PUB/HPUB line with
 # subject, sizes and CRLFs. Counted so the size check matches the server's.
 PUBLISH_FRAMING = 128
+# A verified pool document is fetched again after this many seconds, so a
+# long chat follows key rotations.
+ATTESTATION_CACHE_S = 60.0
 # "Nats-Msg-Id: <32 hex digits>" plus the NATS/1.0 header line and CRLFs.
 MESSAGE_ID_HEADER_SIZE = 64
 
@@ -121,12 +128,28 @@ class Client:
         self._js: JetStreamContext = nc.jetstream()
         self._policy = policy
         self._pool: AttestationBody | None = None
+        self._fetched_at = 0.0
         self.reply_timeout_s = reply_timeout_s
 
     @classmethod
     async def connect(cls, url: str, policy: TrustPolicy, reply_timeout_s: float = 300.0) -> Client:
+        """Connect to the broker; once connected, reconnect without limit after a drop."""
+        # nats-py retries even the first connection max_reconnect_attempts
+        # times, so an unreachable broker is detected with one probe first.
+        await _probe(url)
+
+        async def on_error(exc: Exception) -> None:
+            log.warning("broker connection error: %s", type(exc).__name__)
+
         try:
-            nc = await nats.connect(url, name="confide-client", max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=5, allow_reconnect=True)
+            nc = await nats.connect(
+                url,
+                name="confide-client",
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                connect_timeout=5,
+                error_cb=on_error,
+            )
         except (OSError, nats.errors.Error) as exc:
             raise BrokerError(f"cannot connect to the broker at {url}: {type(exc).__name__}; is it running? ('confide up' starts one)") from None
         return cls(nc, policy, reply_timeout_s)
@@ -143,7 +166,8 @@ class Client:
 
     async def attest(self, refresh: bool = False) -> AttestationBody:
         """Fetch and verify the pool's attestation document; raise AttestationError on any failure."""
-        if self._pool is not None and not refresh and self._pool.expires_at > time.time():
+        now = time.time()
+        if self._pool is not None and not refresh and self._pool.expires_at > now and now - self._fetched_at < ATTESTATION_CACHE_S:
             return self._pool
 
         try:
@@ -157,6 +181,7 @@ class Client:
             raise AttestationError("the pool attestation document is empty")
 
         self._pool = verify_document(entry.value, self._policy, purpose="pool")
+        self._fetched_at = now
         return self._pool
 
     async def submit(self, messages: Sequence[ChatMessage], params: GenerationParams = GenerationParams()) -> PendingJob:
@@ -169,6 +194,7 @@ class Client:
         """Seal a job to the attested pool key without publishing it."""
         if not messages or not messages[-1].content.strip():
             raise EmptyPromptError()
+        _check_limits(messages)
         pool = await self.attest()
 
         client_keys = crypto.KeyPair.generate()
@@ -185,7 +211,9 @@ class Client:
 
         if len(envelope) + PUBLISH_FRAMING + MESSAGE_ID_HEADER_SIZE > limit:
             raise JobTooLargeError(len(envelope) + PUBLISH_FRAMING + MESSAGE_ID_HEADER_SIZE, limit)
-        return PreparedJob(envelope, crypto.random_bytes(16).hex(), job_id, reply_token, client_keys.secret)
+        prepared = PreparedJob(envelope, crypto.random_bytes(16).hex(), job_id, reply_token, client_keys.secret)
+        client_keys.erase()
+        return prepared
 
     async def publish(self, prepared: PreparedJob) -> int:
         """Publish a prepared job and return its stream sequence once JetStream stored it.
@@ -212,12 +240,16 @@ class Client:
         """
         receiver = job.receiver
         timeout = first_chunk_timeout_s or self.reply_timeout_s
-        subscription = await self._js.subscribe(
-            job.reply_subject,
-            stream=subjects.REPLIES_STREAM,
-            ordered_consumer=True,
-            deliver_policy=DeliverPolicy.ALL,
-        )
+        try:
+            subscription = await self._js.subscribe(
+                job.reply_subject,
+                stream=subjects.REPLIES_STREAM,
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.ALL,
+            )
+        except nats.errors.Error as exc:
+            receiver.finish()
+            raise BrokerError(f"subscribing to the reply failed: {type(exc).__name__}") from None
         try:
             while not receiver.complete:
                 try:
@@ -226,6 +258,8 @@ class Client:
                     raise ReplyIncompleteError(
                         f"no reply chunk for {timeout:.0f} s and the final chunk never came; the reply is incomplete"
                     ) from None
+                except nats.errors.Error as exc:
+                    raise BrokerError(f"reading the reply failed: {type(exc).__name__}") from None
                 timeout = self.reply_timeout_s
                 try:
                     chunk = ReplyChunk.from_wire(message.data)
@@ -233,7 +267,11 @@ class Client:
                     log.warning("ignored a malformed reply chunk: %s", exc.reason)
                     continue
 
-                opened = receiver.open(chunk)
+                try:
+                    opened = receiver.open(chunk)
+                except DecodeError as exc:
+                    # Authenticated, so the worker itself sent it: a worker bug, not tampering.
+                    raise ReplyError("malformed_reply", f"the worker sent an unreadable reply chunk ({exc.reason})") from None
                 if opened is None:
                     continue
                 body = opened.body
@@ -268,6 +306,29 @@ class Client:
                 parts.clear()
             parts.append(event.text)
         return "".join(parts)
+
+
+async def _probe(url: str) -> None:
+    """Raise BrokerError unless something accepts TCP connections at the URL's address."""
+    parsed = urlsplit(url)
+    host = parsed.hostname or "127.0.0.1"
+    port = parsed.port or 4222
+    try:
+        with anyio.fail_after(5):
+            stream = await anyio.connect_tcp(host, port)
+    except (OSError, TimeoutError):
+        raise BrokerError(f"cannot connect to the broker at {url}: nothing listens there; is it running? ('confide up' starts one)") from None
+    await stream.aclose()
+
+
+def _check_limits(messages: Sequence[ChatMessage]) -> None:
+    """Reject, before sealing, what the worker's decoder would reject unread."""
+    if len(messages) > MAX_MESSAGES:
+        raise LocalProtocolError(f"the chat has {len(messages)} messages but a job holds at most {MAX_MESSAGES}; start a new chat")
+    for message in messages:
+        size = len(message.content.encode("utf-8"))
+        if size > MAX_STRING:
+            raise JobTooLargeError(size, MAX_STRING)
 
 
 def _unpadded_size(request: JobRequest) -> int:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from confide.errors import AuthenticationError, ReplyOrderError
+from confide.errors import ReplyOrderError
 from confide.schemas import crypto
 from confide.schemas.codec import encode
 from confide.schemas.messages import ChunkBody, ReplyChunk, chunk_associated_data
@@ -115,6 +115,7 @@ class ReplyReceiver:
     - a chunk of a newer attempt starts that attempt over, and must be its index 0;
     - a chunk whose index was already opened is a duplicate and is ignored;
     - a chunk past the next expected index raises ReplyOrderError;
+    - a chunk under the current attempt but another worker key is ignored;
     - a chunk that fails authentication raises AuthenticationError.
     State changes only after a chunk authenticates.
     """
@@ -128,6 +129,7 @@ class ReplyReceiver:
         self._worker_key = b""
         self.complete = False
         self.ignored = 0
+        self.foreign = 0
 
     @property
     def attempt(self) -> int:
@@ -154,7 +156,11 @@ class ReplyReceiver:
             if chunk.index > self._chain.index:
                 raise ReplyOrderError(f"expected chunk {self._chain.index}, got chunk {chunk.index}")
             if not crypto.constant_time_equal(chunk.worker_key, self._worker_key):
-                raise AuthenticationError()
+                # Another key under the same attempt number: a replayed job
+                # answered by a second worker, or an injection. It cannot be
+                # opened with this chain, so it is ignored, not fatal.
+                self.foreign += 1
+                return None
             chain = self._chain.copy()
 
         message_key = chain.step()
