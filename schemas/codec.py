@@ -3,7 +3,7 @@
 Every message from the network is decoded exactly once, here, with limits on
 the buffer and on every string, binary, array and map. Extension types and
 timestamps are rejected, strings must be strict UTF-8 and map keys must be
-strings from a fixed set. Anything else raises DecodeError with a stable
+strings from a fixed set, each at most once. Anything else raises DecodeError with a stable
 `reason` that the caller counts.
 """
 
@@ -47,6 +47,7 @@ def decode(data: bytes, max_size: int) -> Any:
             max_map_len=MAX_MAP,
             max_ext_len=0,
             ext_hook=_reject_extension,
+            object_pairs_hook=_map_without_duplicate_keys,
             unicode_errors="strict",
         )
     except msgpack.ExtraData:
@@ -59,6 +60,16 @@ def decode(data: bytes, max_size: int) -> Any:
 
 def _reject_extension(code: int, data: bytes) -> Any:
     raise ValueError("msgpack extension types are not allowed")
+
+
+def _map_without_duplicate_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    # msgpack-python keeps the last of two equal keys and other decoders may
+    # keep the first, so two peers could read different values from one
+    # signed attestation body.
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        raise DecodeError("duplicate_key", "a map has the same key twice")
+    return value
 
 
 class Fields:

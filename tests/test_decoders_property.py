@@ -276,6 +276,29 @@ def test_decoder_arbitrary_msgpack(name, data):
     decodes_or_raises_decode_error(DECODERS[name], to_bytes(value))
 
 
+def encode_map_pairs(pairs: list[tuple[str, Any]]) -> bytes:
+    """Encode a msgpack map from key-value pairs, repeated keys included, with a map 16 header."""
+    return b"\xde" + len(pairs).to_bytes(2, "big") + b"".join(encode(key) + encode(value) for key, value in pairs)
+
+
+PADDING: dict[str, Callable[[bytes], bytes]] = {"job_payload": pad_job, "chunk_body_final": pad_chunk, "chunk_body_not_final": pad_chunk}
+
+
+@pytest.mark.parametrize("name", sorted(VALID_VALUES))
+@PROPERTY_SETTINGS
+@given(data=st.data())
+def test_decoder_duplicate_key_rejected(name, data):
+    """A valid message with one key repeated under another value raises DecodeError duplicate_key."""
+    valid, _ = VALID_VALUES[name]
+    pairs = list(data.draw(valid).items())
+    key, _ = data.draw(st.sampled_from(pairs))
+    pairs.insert(data.draw(st.integers(0, len(pairs))), (key, data.draw(msgpack_values)))
+
+    with pytest.raises(DecodeError) as raised:
+        DECODERS[name](PADDING.get(name, bytes)(encode_map_pairs(pairs)))
+    assert raised.value.reason == "duplicate_key"
+
+
 @PROPERTY_SETTINGS
 @given(data=st.binary(max_size=1024), max_size=st.integers(0, 2048))
 def test_codec_decode_any_limit(data, max_size):
