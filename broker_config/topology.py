@@ -30,6 +30,8 @@ class Topology:
     job_max_age_s: float = 24 * 3600.0
     # Long enough for a batch user or an offline phone to come back for replies.
     reply_ttl_s: float = 24 * 3600.0
+    # Seconds an unacknowledged job waits before JetStream delivers it to
+    # another worker. `confide worker --ack-wait` sets it on the shared consumer.
     ack_wait_s: float = 30.0
     max_deliver: int = 5
     duplicate_window_s: float = 120.0

@@ -517,8 +517,26 @@ def init_fido2(state_dir: Path) -> None:
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="CPU threads for llama.cpp [default: all cores].")
 @click.option("--platform-key", type=click.Path(dir_okay=False, path_type=Path), help="SIMULATED TEE root key [default: STATE_DIR/platform.key].")
 @click.option("--stats-file", type=click.Path(dir_okay=False, path_type=Path), help="Write job counters to this JSON file every few seconds.")
-def worker(state_dir: Path, broker: str | None, model: Path | None, n_ctx: int | None, threads: int | None, platform_key: Path | None, stats_file: Path | None) -> None:
+@click.option(
+    "--ack-wait",
+    type=click.FloatRange(1, 3600),
+    default=None,
+    help="Seconds JetStream waits for an ack or a progress signal before it delivers a job to another worker "
+    "[default: 30]. It is set on the pool's shared consumer, so the last worker to start decides. Lower it to "
+    "retry the jobs of a crashed worker sooner.",
+)
+def worker(
+    state_dir: Path,
+    broker: str | None,
+    model: Path | None,
+    n_ctx: int | None,
+    threads: int | None,
+    platform_key: Path | None,
+    stats_file: Path | None,
+    ack_wait: float | None,
+) -> None:
     """Run one worker in the foreground against a broker."""
+    from confide.broker_config.topology import Topology
     from confide.workers.engine import DEFAULT_N_CTX, EngineSettings, ModelNotFoundError, default_model_path
     from confide.workers.worker import WorkerSettings, main as run
 
@@ -534,6 +552,7 @@ def worker(state_dir: Path, broker: str | None, model: Path | None, n_ctx: int |
         broker_url=url,
         platform_key_path=key_path,
         engine=EngineSettings(model_path, n_ctx or DEFAULT_N_CTX, threads),
+        topology=Topology() if ack_wait is None else Topology(ack_wait_s=ack_wait),
         stats_path=stats_file,
     )
     try:

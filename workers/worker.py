@@ -59,7 +59,13 @@ async def run_worker(settings: WorkerSettings, *, task_status: anyio.abc.TaskSta
         log.info("pool key %s (%s)", "joined from a pool member" if how == "joined" else "created", how)
 
         stats = WorkerStats()
-        job_settings = replace(settings.jobs, max_deliver=settings.topology.max_deliver)
+        # Progress acks must reach JetStream well within the ack wait, or it
+        # delivers a job that is still running to a second worker.
+        job_settings = replace(
+            settings.jobs,
+            max_deliver=settings.topology.max_deliver,
+            progress_interval_s=min(settings.jobs.progress_interval_s, settings.topology.ack_wait_s / 3),
+        )
         runner = JobRunner(js, engine, pool, stats, job_settings)
         consumer = await js.pull_subscribe_bind(durable=subjects.WORKERS_CONSUMER, stream=subjects.JOBS_STREAM)
 
