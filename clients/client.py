@@ -31,8 +31,9 @@ from confide.errors import (
     ReplyError,
     ReplyIncompleteError,
 )
+from confide.clients.log_monitor import LogMonitor
 from confide.schemas import crypto, subjects
-from confide.schemas.attestation import TrustPolicy, verify_document
+from confide.schemas.attestation import TrustPolicy, verify_with_steps
 from confide.schemas.codec import MAX_STRING
 from confide.schemas.messages import (
     JOB_ID_SIZE,
@@ -123,8 +124,9 @@ class ReplyEvent:
 
 
 class Client:
-    def __init__(self, nc: NATS, policy: TrustPolicy, reply_timeout_s: float = 300.0) -> None:
+    def __init__(self, nc: NATS, policy: TrustPolicy, reply_timeout_s: float = 300.0, log_monitor: LogMonitor | None = None) -> None:
         self._nc = nc
+        self._log_monitor = log_monitor
         self._js: JetStreamContext = nc.jetstream()
         self._policy = policy
         self._pool: AttestationBody | None = None
@@ -132,7 +134,7 @@ class Client:
         self.reply_timeout_s = reply_timeout_s
 
     @classmethod
-    async def connect(cls, url: str, policy: TrustPolicy, reply_timeout_s: float = 300.0) -> Client:
+    async def connect(cls, url: str, policy: TrustPolicy, reply_timeout_s: float = 300.0, log_monitor: LogMonitor | None = None) -> Client:
         """Connect to the broker; once connected, reconnect without limit after a drop."""
         # nats-py retries even the first connection max_reconnect_attempts
         # times, so an unreachable broker is detected with one probe first.
@@ -152,7 +154,7 @@ class Client:
             )
         except (OSError, nats.errors.Error) as exc:
             raise BrokerError(f"cannot connect to the broker at {url}: {type(exc).__name__}; is it running? ('confide up' starts one)") from None
-        return cls(nc, policy, reply_timeout_s)
+        return cls(nc, policy, reply_timeout_s, log_monitor)
 
     async def close(self) -> None:
         await self._nc.close()
@@ -180,7 +182,10 @@ class Client:
         if not entry.value:
             raise AttestationError("the pool attestation document is empty")
 
-        self._pool = verify_document(entry.value, self._policy, purpose="pool")
+        verified = verify_with_steps(entry.value, self._policy, purpose="pool")
+        if verified.tree_head is not None and self._log_monitor is not None and self._policy.log_key is not None:
+            await self._log_monitor.check(self._js, verified.tree_head, self._policy.log_key)
+        self._pool = verified.body
         self._fetched_at = now
         return self._pool
 

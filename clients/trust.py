@@ -4,8 +4,14 @@ Stored as JSON so people can read and pin it:
 
     {"version": 1,
      "platform_keys": {"simulated": "<hex Ed25519 public key>"},
+     "log_key": "<hex Ed25519 public key of the release transparency log>",
      "measurements": ["<hex BLAKE2b-256>"],
-     "allow_simulated": true}
+     "allow_simulated": true,
+     "allow_dev": false}
+
+With a log key, a pool is accepted when its measurement is proven to be in
+the release log; `measurements` then only matters for development-mode
+pools. Without one, the measurement must be in `measurements`.
 """
 
 from __future__ import annotations
@@ -23,8 +29,11 @@ def save_trust(path: Path, policy: TrustPolicy) -> None:
         "platform_keys": {name: key.hex() for name, key in sorted(policy.platform_keys.items())},
         "measurements": sorted(m.hex() for m in policy.measurements),
         "allow_simulated": policy.allow_simulated,
+        "allow_dev": policy.allow_dev,
         "max_age_s": policy.max_age_s,
     }
+    if policy.log_key is not None:
+        document["log_key"] = policy.log_key.hex()
     path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
 
 
@@ -45,6 +54,8 @@ def load_trust(path: Path) -> TrustPolicy:
         measurements = frozenset(bytes.fromhex(value) for value in document["measurements"])
         allow_simulated = bool(document.get("allow_simulated", False))
         max_age_s = int(document.get("max_age_s", 3600))
+        log_key = bytes.fromhex(document["log_key"]) if document.get("log_key") else None
+        allow_dev = bool(document.get("allow_dev", False))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise AttestationError(f"the trust policy {path} is invalid: {exc}") from None
-    return TrustPolicy(keys, measurements, allow_simulated, max_age_s, name=str(path))
+    return TrustPolicy(keys, measurements, allow_simulated, max_age_s, name=str(path), log_key=log_key, allow_dev=allow_dev)

@@ -1,40 +1,66 @@
 """Verification of attestation documents, shared by clients and pool members.
 
-A document passes only if every check can be made and succeeds. The checks:
-the policy pins a key for the document's platform, the signature verifies,
-the measurement is in the allowed set, the document is fresh and its purpose
-is the expected one. A missing expected value is a failure, never a pass.
+A document passes only if every check can be made and succeeds:
+
+1. the policy pins a root key for the document's platform;
+2. the platform's signature over the body verifies;
+3. a simulated or development-mode worker is accepted only if the policy allows it;
+4. the measurement is allowed: it is in the release transparency log (an
+   inclusion proof to a tree head signed by the pinned log key) or, for a
+   policy without a log key, in the policy's list of measurements;
+5. the document is fresh and binds a key for the expected purpose.
+
+A missing expected value (no pinned key, no log evidence, an empty list) is a
+failure, never a pass.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from confide.errors import AttestationError, AuthenticationError, DecodeError
+from confide.errors import AttestationError, AuthenticationError, DecodeError, TransparencyError
 from confide.schemas import crypto
 from confide.schemas.messages import AttestationBody, SignedDocument
+from confide.schemas.transparency import InclusionProof, ReleaseRecord, TreeHead, verify_tree_head
 
+StepReporter = Callable[[str, str], None]
 
 
 @dataclass(frozen=True)
 class TrustPolicy:
-    """Pinned platform keys and allowed measurements that a verifier accepts."""
+    """Pinned platform keys, the pinned release log key and the measurements a verifier accepts."""
 
     platform_keys: dict[str, bytes]
-    measurements: frozenset[bytes]
+    measurements: frozenset[bytes] = frozenset()
     allow_simulated: bool = False
     max_age_s: int = 3600
     clock_skew_s: int = 120
     name: str = field(default="", compare=False)
+    log_key: bytes | None = None
+    allow_dev: bool = False
 
 
-def verify_document(
+@dataclass(frozen=True)
+class VerifiedDocument:
+    body: AttestationBody
+    tree_head: TreeHead | None  # the log head the measurement was proven against, if any
+    leaf_index: int | None
+
+
+def verify_document(unverified_wire: bytes, policy: TrustPolicy, purpose: str, now: float | None = None) -> AttestationBody:
+    return verify_with_steps(unverified_wire, policy, purpose, now).body
+
+
+def verify_with_steps(
     unverified_wire: bytes,
     policy: TrustPolicy,
     purpose: str,
     now: float | None = None,
-) -> AttestationBody:
+    report: StepReporter = lambda step, detail: None,
+) -> VerifiedDocument:
+    """Verify a document, calling `report(step, detail)` after each check that passes."""
     now = time.time() if now is None else now
 
     try:
@@ -42,6 +68,7 @@ def verify_document(
         unverified_body = AttestationBody.from_bytes(document.body)
     except DecodeError as exc:
         raise AttestationError(f"the attestation document is malformed ({exc.reason})") from None
+    report("document", f"platform {unverified_body.platform}, purpose {unverified_body.purpose}")
 
     platform = unverified_body.platform
     verify_key = policy.platform_keys.get(platform)
@@ -52,21 +79,56 @@ def verify_document(
     except AuthenticationError:
         raise AttestationError("the attestation signature is invalid for the pinned platform key") from None
     body = unverified_body
+    report("signature", f"signed by the pinned {platform} root key {crypto.fingerprint(verify_key)}")
 
     if body.simulated != (platform == "simulated"):
         raise AttestationError("the document's simulated flag contradicts its platform")
     if body.simulated and not policy.allow_simulated:
         raise AttestationError("the pool runs on a simulated TEE and the trust policy does not allow simulated platforms")
-    if not policy.measurements:
-        raise AttestationError("the trust policy lists no allowed measurements, so nothing can be compared")
-    if not any(crypto.constant_time_equal(body.measurement, allowed) for allowed in policy.measurements):
-        raise AttestationError(f"measurement {body.measurement.hex()[:16]}... is not in the allowed set")
+    if body.dev_mode and not policy.allow_dev:
+        raise AttestationError("the pool runs in development mode (its code need not be a logged release); pass --allow-dev to accept it")
+    report("platform", ("SIMULATED TEE" if body.simulated else "hardware TEE") + (", DEVELOPMENT MODE" if body.dev_mode else ""))
+
+    tree_head, leaf_index = _check_measurement(document, body, policy, report)
+
     if body.issued_at > now + policy.clock_skew_s:
         raise AttestationError("the attestation document is dated in the future")
     if now - body.issued_at > policy.max_age_s + policy.clock_skew_s:
         raise AttestationError(f"the attestation document is stale: issued {int(now - body.issued_at)} s ago")
     if body.expires_at < now - policy.clock_skew_s:
         raise AttestationError("the attestation document has expired")
+    report("freshness", f"issued {max(0, int(now - body.issued_at))} s ago, expires in {int(body.expires_at - now)} s")
+
     if body.purpose != purpose:
         raise AttestationError(f"the document binds a '{body.purpose}' key, expected '{purpose}'")
-    return body
+    report("key", f"{purpose} key {body.key_id.hex()} bound by the signed body")
+    return VerifiedDocument(body, tree_head, leaf_index)
+
+
+def _check_measurement(
+    document: SignedDocument, body: AttestationBody, policy: TrustPolicy, report: StepReporter
+) -> tuple[TreeHead | None, int | None]:
+    measurement = body.measurement.hex()
+    if policy.log_key is not None and document.release is not None:
+        try:
+            head = verify_tree_head(document.release.tree_head, policy.log_key)
+            record = ReleaseRecord.from_leaf(document.release.leaf)
+            proof = InclusionProof.from_wire(document.release.proof)
+            proof.verify(document.release.leaf, head)
+        except (TransparencyError, DecodeError) as exc:
+            raise AttestationError(f"the release log evidence is invalid: {exc}") from None
+        if not crypto.constant_time_equal(record.measurement, body.measurement):
+            raise AttestationError(f"the release log proof is for measurement {record.measurement.hex()[:16]}..., not the worker's {measurement[:16]}...")
+        report("release log", f"tree head of size {head.tree_size} signed by the pinned log key")
+        report("measurement", f"{measurement[:16]}... is release '{record.version}', leaf {proof.leaf_index} of the log")
+        return head, proof.leaf_index
+
+    if body.dev_mode or policy.log_key is None:
+        if not policy.measurements:
+            raise AttestationError("the trust policy lists no allowed measurements and the document has no release log proof, so nothing can be compared")
+        if not any(crypto.constant_time_equal(body.measurement, allowed) for allowed in policy.measurements):
+            raise AttestationError(f"measurement {measurement[:16]}... is not in the allowed set")
+        report("measurement", f"{measurement[:16]}... is in the trust policy's allowed set")
+        return None, None
+
+    raise AttestationError(f"measurement {measurement[:16]}... comes with no release log proof, and the trust policy requires one")

@@ -36,7 +36,7 @@ MAX_MAX_TOKENS = 32768
 ROLES = frozenset({"system", "user", "assistant"})
 FINISH_REASONS = frozenset({"stop", "length", "error"})
 PLATFORMS = frozenset({"simulated", "sev-snp", "tdx"})
-PURPOSES = frozenset({"pool", "join"})
+PURPOSES = frozenset({"pool", "join", "notice"})
 
 REPLY_SUBJECT_PERSON = b"confide:rsubj:v1"
 KEY_ID_PERSON = b"confide:keyid:v1"
@@ -323,22 +323,26 @@ class AttestationBody:
     issued_at: int
     expires_at: int
     model: str
+    # A worker started in development mode runs a measurement that need not
+    # be in the release log; clients reject such a pool unless told otherwise.
+    dev_mode: bool = False
 
     def to_bytes(self) -> bytes:
-        return encode(
-            {
-                "v": PROTOCOL_VERSION,
-                "platform": self.platform,
-                "simulated": self.simulated,
-                "measurement": self.measurement,
-                "purpose": self.purpose,
-                "key": self.key,
-                "key_id": key_id_for(self.key),
-                "issued_at": self.issued_at,
-                "expires_at": self.expires_at,
-                "model": self.model,
-            }
-        )
+        body: dict[str, object] = {
+            "v": PROTOCOL_VERSION,
+            "platform": self.platform,
+            "simulated": self.simulated,
+            "measurement": self.measurement,
+            "purpose": self.purpose,
+            "key": self.key,
+            "key_id": key_id_for(self.key),
+            "issued_at": self.issued_at,
+            "expires_at": self.expires_at,
+            "model": self.model,
+        }
+        if self.dev_mode:
+            body["dev_mode"] = True
+        return encode(body)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> AttestationBody:
@@ -346,6 +350,7 @@ class AttestationBody:
             decode(data, MAX_DOCUMENT),
             "attestation.body",
             {"v", "platform", "simulated", "measurement", "purpose", "key", "key_id", "issued_at", "expires_at", "model"},
+            frozenset({"dev_mode"}),
             version=PROTOCOL_VERSION,
         )
         body = cls(
@@ -357,6 +362,7 @@ class AttestationBody:
             issued_at=fields.integer("issued_at", 0, 2**40),
             expires_at=fields.integer("expires_at", 0, 2**40),
             model=fields.string("model", 256),
+            dev_mode=fields.boolean("dev_mode") if fields.has("dev_mode") else False,
         )
         if not crypto.constant_time_equal(fields.binary("key_id", size=KEY_ID_SIZE), key_id_for(body.key)):
             raise DecodeError("inconsistent", "attestation key_id does not match its key")
@@ -371,28 +377,67 @@ class AttestationBody:
 
 
 @dataclass(frozen=True, repr=False)
+class ReleaseEvidence:
+    """Proof that a measurement is in the release transparency log.
+
+    `leaf` is the release record, `proof` its inclusion proof and
+    `tree_head` the log's signed tree head the proof leads to; the wire forms
+    are those of schemas/transparency.py. None of it needs the platform's
+    signature: the log's own signature authenticates it.
+    """
+
+    leaf: bytes
+    proof: bytes
+    tree_head: bytes
+
+    def to_map(self) -> dict[str, bytes]:
+        return {"leaf": self.leaf, "proof": self.proof, "tree_head": self.tree_head}
+
+    @classmethod
+    def from_map(cls, value: object) -> ReleaseEvidence:
+        fields = Fields(value, "attestation.release", {"leaf", "proof", "tree_head"})
+        return cls(
+            fields.binary("leaf", min_size=1, max_size=1024),
+            fields.binary("proof", min_size=1, max_size=MAX_DOCUMENT),
+            fields.binary("tree_head", min_size=1, max_size=1024),
+        )
+
+
+@dataclass(frozen=True, repr=False)
 class SignedDocument:
-    """A signed attestation body: the platform's signature over the body bytes."""
+    """A signed attestation body: the platform's signature over the body bytes.
+
+    `release`, when present, carries the transparency log evidence for the
+    body's measurement.
+    """
 
     body: bytes
     signature: bytes
+    release: ReleaseEvidence | None = None
 
     def to_wire(self) -> bytes:
-        return encode({"v": PROTOCOL_VERSION, "type": "attestation", "body": self.body, "sig": self.signature})
+        document: dict[str, object] = {"v": PROTOCOL_VERSION, "type": "attestation", "body": self.body, "sig": self.signature}
+        if self.release is not None:
+            document["release"] = self.release.to_map()
+        return encode(document)
 
     @classmethod
     def from_wire(cls, data: bytes) -> SignedDocument:
-        fields = Fields(decode(data, MAX_DOCUMENT), "attestation", {"v", "type", "body", "sig"}, version=PROTOCOL_VERSION)
+        fields = Fields(decode(data, MAX_DOCUMENT), "attestation", {"v", "type", "body", "sig"}, frozenset({"release"}), version=PROTOCOL_VERSION)
         fields.string("type", choices=frozenset({"attestation"}))
-        return cls(fields.binary("body", min_size=1, max_size=MAX_DOCUMENT), fields.binary("sig", size=crypto.SIGNATURE_SIZE))
+        release = ReleaseEvidence.from_map(fields.raw("release")) if fields.has("release") else None
+        return cls(fields.binary("body", min_size=1, max_size=MAX_DOCUMENT), fields.binary("sig", size=crypto.SIGNATURE_SIZE), release)
 
     def __repr__(self) -> str:
-        return f"SignedDocument(body=[{len(self.body)} bytes])"
+        return f"SignedDocument(body=[{len(self.body)} bytes], release={'yes' if self.release else 'no'})"
 
 
 @dataclass(frozen=True, repr=False)
 class KeyRelease:
-    """A pool member's response to a join request: the pool key sealed to the joiner."""
+    """A pool member's response to a join request: its live pool key epochs sealed to the joiner.
+
+    The sealed plaintext is workers/epochs.py's release payload.
+    """
 
     sealed: bytes
 
@@ -403,7 +448,7 @@ class KeyRelease:
     def from_wire(cls, data: bytes) -> KeyRelease:
         fields = Fields(decode(data, MAX_DOCUMENT), "key_release", {"v", "type", "sealed"}, version=PROTOCOL_VERSION)
         fields.string("type", choices=frozenset({"key_release"}))
-        return cls(fields.binary("sealed", size=crypto.SEAL_OVERHEAD + crypto.KEY_SIZE))
+        return cls(fields.binary("sealed", min_size=crypto.SEAL_OVERHEAD + 1, max_size=MAX_DOCUMENT))
 
     def __repr__(self) -> str:
         return "KeyRelease(sealed=[...])"

@@ -25,7 +25,7 @@ class TeeBackend(ABC):
     simulated: bool
 
     @abstractmethod
-    def attest(self, measurement: bytes, purpose: str, key: bytes, model: str, lifetime_s: int) -> SignedDocument:
+    def attest(self, measurement: bytes, purpose: str, key: bytes, model: str, lifetime_s: int, dev_mode: bool = False) -> SignedDocument:
         """Return a signed document that binds `key` to this worker's measurement."""
 
 
@@ -51,7 +51,7 @@ class SimulatedTee(TeeBackend):
     def from_file(cls, path: Path) -> SimulatedTee:
         return cls(load_platform_key(path))
 
-    def attest(self, measurement: bytes, purpose: str, key: bytes, model: str, lifetime_s: int) -> SignedDocument:
+    def attest(self, measurement: bytes, purpose: str, key: bytes, model: str, lifetime_s: int, dev_mode: bool = False) -> SignedDocument:
         now = int(time.time())
         body = AttestationBody(
             platform=self.platform,
@@ -62,6 +62,7 @@ class SimulatedTee(TeeBackend):
             issued_at=now,
             expires_at=now + lifetime_s,
             model=model,
+            dev_mode=dev_mode,
         ).to_bytes()
         return SignedDocument(body, self._platform_key.sign(body))
 
