@@ -106,13 +106,16 @@ class WorkerProcess:
         return json.loads(self.stats_path.read_text())
 
 
-def start_worker(url: str, pool: Pool, directory: Path, name: str = "worker", extra: list[str] | None = None) -> WorkerProcess:
+def start_worker(
+    url: str, pool: Pool, directory: Path, name: str = "worker", extra: list[str] | None = None, verbose: bool = False
+) -> WorkerProcess:
+    """Start `confide worker` and wait until it takes jobs; `verbose` adds its debug lines to the log."""
     directory.mkdir(parents=True, exist_ok=True)
     log_path = directory / f"{name}.log"
     stats_path = directory / f"{name}.stats.json"
     stats_path.unlink(missing_ok=True)
     command = [
-        sys.executable, "-m", "confide.cli", "worker",
+        sys.executable, "-m", "confide.cli", *(["--verbose"] if verbose else []), "worker",
         "--broker", url,
         "--platform-key", str(pool.platform_key_path),
         "--stats-file", str(stats_path),

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import anyio
 import anyio.from_thread
+import anyio.lowlevel
 import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream
 from nats.aio.msg import Msg
@@ -99,6 +100,7 @@ class JobRunner:
         metadata = message.metadata
         attempt = metadata.num_delivered
         sequence = metadata.sequence.stream
+        log.debug("job started seq=%d attempt=%d size=%d", sequence, attempt, len(message.data))
 
         request = await self._open(message)
         if request is None:
@@ -197,10 +199,16 @@ class JobRunner:
                     publishing.start_soon(self._publish_text, receive_text, sender, reply_subject, progress)
                     result = await anyio.to_thread.run_sync(generate, limiter=self._limiter)
                 helpers.cancel_scope.cancel()
+            # run_sync waits for the thread even when cancelled and then
+            # returns, often with the BrokenResourceError of a text piece that
+            # no publisher took. A shutdown must hand the job back rather than
+            # send an error reply, so raise the pending cancellation here.
+            await anyio.lowlevel.checkpoint_if_cancelled()
         except anyio.get_cancelled_exc_class():
             # Shutting down mid-generation: hand the job back for another worker.
             with anyio.CancelScope(shield=True):
                 await message.nak()
+            log.info("job handed back for redelivery seq=%d attempt=%d", sequence, sender.attempt)
             raise
 
         if isinstance(result, Exception):
