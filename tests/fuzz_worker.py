@@ -2,12 +2,13 @@
 
     python tests/fuzz_worker.py --count 100000 [--seed N]
 
-starts a nats-server on a free loopback port and one worker (simulated TEE,
-the default model) in a temporary directory, and publishes the inputs to the
-jobs subject. It prints how many inputs of each kind it sent and how many the
-worker's stats file counts under each rejection reason. It exits 1 unless the
-worker is alive at the end and every input is counted as rejected. `make fuzz`
-runs it; the default test suite runs a short version against its own worker.
+runs tests/test_fuzz_worker.py with that count. Its fixtures start a
+nats-server on a free loopback port and one worker (simulated TEE, the
+default model), and the test publishes the inputs to the jobs subject. It
+prints how many inputs of each kind it sent and how many the worker's stats
+file counts under each rejection reason, and it fails unless the worker is
+alive at the end and every input is counted as rejected. `make fuzz` runs
+this; the default test suite runs the same test with 300 inputs.
 
 The inputs are mutations of sealed jobs: bit flips, truncations, appended
 bytes, fields of the wrong type or version, random bytes, replays, bad keys,
@@ -21,8 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import os
+import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -46,6 +48,9 @@ DAY_S = 24 * 3600
 MAX_QUEUED_JOBS = 2000
 QUEUE_CHECK_INTERVAL = 256
 STATS_WAIT_S = 120.0
+# How main() passes the count and seed to the test it runs.
+COUNT_VARIABLE = "CONFIDE_FUZZ_COUNT"
+SEED_VARIABLE = "CONFIDE_FUZZ_SEED"
 PAYLOAD_HEAD = 256
 # u-coordinates of small-order Curve25519 points: X25519 with any of them gives zero.
 LOW_ORDER_POINTS = (
@@ -103,10 +108,14 @@ class Mutator:
         return kind, self._kinds[kind][1]()
 
     def _flip_bits(self, data: bytes, end: int | None = None) -> bytes:
-        """Flip one to eight random bits among the first `end` bytes."""
+        """Flip one random bit in each of one to eight distinct bytes among the first `end`.
+
+        Distinct bytes keep two flips from cancelling out, which would turn
+        the input into an unchanged copy, that is a replay.
+        """
         changed = bytearray(data)
-        for _ in range(self._rng.randint(1, 8)):
-            position = self._rng.randrange(min(end or len(changed), len(changed)))
+        span = min(end or len(changed), len(changed))
+        for position in self._rng.sample(range(span), min(span, self._rng.randint(1, 8))):
             changed[position] ^= 1 << self._rng.randrange(8)
         return bytes(changed)
 
@@ -252,13 +261,14 @@ async def wait_for_stats_write(path: Path) -> dict:
     return read_stats(path)
 
 
-async def wait_for_rejections(path: Path, before: dict, count: int) -> dict:
-    """Wait until the stats file counts `count` new rejections, or return what it has at the deadline."""
+async def wait_for_counts(path: Path, before: dict, rejected: int, completed: int) -> dict:
+    """Wait until the stats file counts the new rejections and completions, or return what it has at the deadline."""
     deadline = time.monotonic() + STATS_WAIT_S
     while True:
         stats = read_stats(path)
-        counted = sum(difference(stats["rejections"], before["rejections"]).values())
-        if counted >= count or time.monotonic() > deadline:
+        counted_rejected = sum(difference(stats["rejections"], before["rejections"]).values())
+        counted_completed = difference(stats["outcomes"], before["outcomes"])["completed"]
+        if (counted_rejected >= rejected and counted_completed >= completed) or time.monotonic() > deadline:
             return stats
         await anyio.sleep(0.2)
 
@@ -302,7 +312,8 @@ async def fuzz(url: str, policy: TrustPolicy, stats_path: Path, count: int, seed
             await publisher.close()
 
         await client.ask_text([ChatMessage("user", "Name one colour.")], GenerationParams(max_tokens=1, temperature=0.0))
-        after = await wait_for_rejections(stats_path, before, count)
+        # The valid job and the normal job complete, and every other input is rejected.
+        after = await wait_for_counts(stats_path, before, rejected=count, completed=2)
 
     return FuzzReport(
         sent=sent,
@@ -313,47 +324,15 @@ async def fuzz(url: str, policy: TrustPolicy, stats_path: Path, count: int, seed
     )
 
 
-# -- command line: a broker and a worker of its own ------------------------------------------
-
-
-def run_standalone(count: int, seed: int) -> FuzzReport:
-    """Start a local broker and worker in a temporary directory, fuzz them, and stop both."""
-    from confide import stack
-    from confide.workers.engine import DEFAULT_N_CTX, EngineSettings, default_model_path
-    from confide.workers.measurement import measure
-    from confide.workers.tee import create_platform_key
-
-    with tempfile.TemporaryDirectory(prefix="confide-fuzz-") as directory:
-        state = stack.StackState(Path(directory))
-        platform_key = create_platform_key(state.platform_key)
-        model = default_model_path()
-        policy = stack.local_trust_policy(platform_key.verify_key, measure(model, EngineSettings(model, DEFAULT_N_CTX).measured()))
-        port = stack.free_port()
-        broker, url = stack.start_broker(state, stack.HOST, port)
-        worker = None
-        try:
-            stack.wait_for_port(stack.HOST, port, 15, broker)
-            worker = stack.start_worker(state, 0, url, None, None)
-            wait_for_file(state.worker_stats(0), worker.poll, state.worker_log(0))
-            return anyio.run(fuzz, url, policy, state.worker_stats(0), count, seed, lambda: worker.poll() is None)
-        finally:
-            if worker is not None:
-                stack.stop_process(worker.pid)
-            stack.stop_process(broker.pid)
-
-
-def wait_for_file(path: Path, exit_status: Callable[[], int | None], log_path: Path, timeout_s: float = 180) -> None:
-    """Wait for the worker's first stats file, which it writes once it takes jobs."""
-    deadline = time.monotonic() + timeout_s
-    while not path.exists():
-        if exit_status() is not None:
-            raise RuntimeError(f"the worker exited before taking jobs; see {log_path}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the worker did not start taking jobs within {timeout_s:.0f} s; see {log_path}")
-        time.sleep(0.1)
+# -- command line -----------------------------------------------------------------------------
 
 
 def main() -> None:
+    """Run the fuzz test with the requested count and seed.
+
+    The test's fixtures start the nats-server and the worker, the same way
+    as for the rest of the suite, so the runner needs no setup of its own.
+    """
     parser = argparse.ArgumentParser(description="Send hostile jobs to a live confide worker and report its rejections.")
     parser.add_argument("--count", type=int, default=100_000, help="number of hostile inputs to send (default: 100000)")
     parser.add_argument("--seed", type=int, default=None, help="seed for the input generator (default: random, printed)")
@@ -362,10 +341,10 @@ def main() -> None:
         parser.error("--count must be at least 1")
     seed = arguments.seed if arguments.seed is not None else random.SystemRandom().randrange(2**32)
 
-    print(f"fuzzing a local worker with {arguments.count} inputs, seed {seed}", flush=True)
-    report = run_standalone(arguments.count, seed)
-    print(report.render())
-    sys.exit(0 if report.worker_alive and report.every_input_rejected else 1)
+    environment = {**os.environ, COUNT_VARIABLE: str(arguments.count), SEED_VARIABLE: str(seed)}
+    test_file = Path(__file__).with_name("test_fuzz_worker.py")
+    command = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", str(test_file)]
+    sys.exit(subprocess.run(command, env=environment, check=False).returncode)
 
 
 if __name__ == "__main__":
