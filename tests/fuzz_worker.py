@@ -36,6 +36,7 @@ import anyio
 import nats
 
 from confide.clients.client import Client
+from confide.errors import DecodeError
 from confide.schemas import crypto, subjects
 from confide.schemas.attestation import TrustPolicy
 from confide.schemas.codec import encode
@@ -191,7 +192,12 @@ class Mutator:
         return self._factory.seal_padded(self._flip_bits(padded, end))
 
     def payload_field_changed(self) -> bytes:
-        return self._factory.seal_padded(pad_job(encode(self._change_field(payload_map(self._rejected_request())))))
+        # A changed field can make the base valid, for example a role changed
+        # to "user": such a job would run, so it is drawn again.
+        while True:
+            payload = self._change_field(payload_map(self._rejected_request()))
+            if not possibly_runnable(payload):
+                return self._factory.seal_payload_map(payload)
 
     def payload_wrong_version(self) -> bytes:
         return self._factory.seal_payload_map({**payload_map(self._rejected_request()), "v": self._rng.choice([0, 2, 2**16])})
@@ -208,6 +214,15 @@ class Mutator:
 
     def oversized(self) -> bytes:
         return self._rng.randbytes(self._rng.randint(MAX_JOB_ENVELOPE + 1, MAX_JOB_ENVELOPE + 64 * 1024))
+
+
+def possibly_runnable(payload: Any) -> bool:
+    """Return whether a payload decodes to a job whose last message is the user's, which a worker may run."""
+    try:
+        request = JobRequest.from_padded(pad_job(encode(payload)))
+    except (DecodeError, ValueError):
+        return False
+    return request.messages[-1].role == "user"
 
 
 # -- the run ------------------------------------------------------------------------------
