@@ -305,15 +305,22 @@ async def test_low_order_client_key_gets_no_reply(hostile_run, broker):
         await connection.close()
 
 
-async def test_job_over_max_payload_raises_on_device(client):
+@pytest.mark.parametrize("shape", ["one_message", "many_messages"])
+async def test_job_over_max_payload_raises_on_device(client, shape):
     """A job larger than the broker's max payload raises JobTooLargeError before sending, and the client still works."""
     js = client._nc.jetstream()
     before = (await js.stream_info(subjects.JOBS_STREAM)).state.last_seq
     max_payload = client._nc.max_payload
-    prompt = "a" * (max_payload + 1)
+    if shape == "one_message":
+        messages = [ChatMessage("user", "a" * (max_payload + 1))]
+    else:
+        # Each message is within the per-message limit, and together they exceed the broker's.
+        piece = "a" * (max_payload // 8)
+        messages = [ChatMessage("user" if i % 2 == 0 else "assistant", piece) for i in range(9)]
+    prompt = messages[0].content
 
     with pytest.raises(JobTooLargeError) as raised:
-        await client.submit([ChatMessage("user", prompt)])
+        await client.submit(messages)
 
     error = raised.value
     assert error.size > error.limit
