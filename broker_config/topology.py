@@ -55,7 +55,7 @@ class Topology:
     def replies_stream(self) -> StreamConfig:
         return StreamConfig(
             name=subjects.REPLIES_STREAM,
-            subjects=[f"{subjects.REPLY_SUBJECT_PREFIX}.*"],
+            subjects=[f"{subjects.REPLY_SUBJECT_PREFIX}.*.{subjects.REPLY_SUBJECT_SUFFIX}"],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             max_age=self.reply_ttl_s,

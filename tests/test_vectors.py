@@ -154,7 +154,7 @@ def test_job_envelope_vector():
     decoded = JobEnvelope.from_wire(envelope)
     assert (decoded.key_id, decoded.sealed) == (key_id, sealed)
     subject_token = hashlib.blake2b(reply_token, digest_size=16, person=b"confide:rsubj:v1").hexdigest()
-    assert job["reply_subject"] == f"confide.reply.v1.{subject_token}"
+    assert job["reply_subject"] == f"confide.reply.v1.{subject_token}.chunks"
     assert subjects.reply_subject(reply_token) == job["reply_subject"]
 
 
