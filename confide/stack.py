@@ -4,7 +4,11 @@ Everything lives under one state directory:
 
     broker.conf      nats-server configuration rendered from broker_config/
     jetstream/       JetStream file storage
-    broker.log       nats-server output
+    broker.log       nats-server output, with client addresses removed
+    authority.json   the broker's operator and account keys (NATS operator mode)
+    client.creds     the credential every client shares; worker.creds,
+                     operator.creds, relay.creds and release.creds are those
+                     of the other roles
     worker-N.log     worker output; worker-N.stats.json its counters
     platform.key     the SIMULATED TEE's root key (stands in for the CPU vendor's)
     trust.json       what clients pin: that root's public key and the measurement
@@ -24,7 +28,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from confide.broker_config import render_server_config
+from confide.broker_config import ServerTls, render_server_config
+from confide.broker_config.credentials import Authority, LocalCredentials
 from confide.schemas.attestation import TrustPolicy
 
 DEFAULT_PORT = 4222
@@ -78,6 +83,10 @@ class StackState:
     def trust(self) -> Path:
         return self.directory / "trust.json"
 
+    @property
+    def credentials(self) -> LocalCredentials:
+        return LocalCredentials(self.directory)
+
     def worker_log(self, index: int) -> Path:
         return self.directory / f"worker-{index}.log"
 
@@ -94,20 +103,52 @@ class StackState:
         self.record.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
-def start_broker(state: StackState, host: str, port: int) -> tuple[subprocess.Popen, str]:
+def start_broker(
+    state: StackState,
+    host: str,
+    port: int,
+    *,
+    authority: Authority | None = None,
+    tls: ServerTls | None = None,
+    leafnode_port: int | None = None,
+) -> tuple[subprocess.Popen, str]:
+    """Start nats-server with its log written through the address filter; return it and its URL.
+
+    Without an authority the broker accepts anyone: only tests do that.
+    """
     store = state.directory / "jetstream"
     store.mkdir(parents=True, exist_ok=True)
     config = state.directory / "broker.conf"
-    config.write_text(render_server_config(host, port, store), encoding="utf-8")
-    log = open(state.directory / "broker.log", "ab")
-    process = subprocess.Popen(
-        [nats_server_binary(), "-c", str(config)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
+    config.write_text(
+        render_server_config(host, port, store, authority=authority, tls=tls, leafnode_port=leafnode_port),
+        encoding="utf-8",
     )
-    return process, f"nats://{host}:{port}"
+    process = start_with_log_filter([nats_server_binary(), "-c", str(config)], state.directory / "broker.log")
+    return process, f"{'tls' if tls else 'nats'}://{host}:{port}"
+
+
+def start_with_log_filter(command: list[str], log_path: Path) -> subprocess.Popen:
+    """Start `command` in its own session with its output going through the address filter into `log_path`.
+
+    The filter is a second process that exits when the command's output
+    closes; it is kept as the returned process's `log_filter` attribute.
+    """
+    read_end, write_end = os.pipe()
+    try:
+        with open(log_path, "ab") as filter_errors:
+            log_filter = subprocess.Popen(
+                [sys.executable, "-m", "confide.broker_config.logfilter", str(log_path)],
+                stdin=read_end,
+                stdout=subprocess.DEVNULL,
+                stderr=filter_errors,
+                start_new_session=True,
+            )
+        process = subprocess.Popen(command, stdout=write_end, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    process.log_filter = log_filter  # type: ignore[attr-defined]
+    return process
 
 
 def wait_for_port(host: str, port: int, timeout_s: float, process: subprocess.Popen | None = None) -> None:
@@ -131,6 +172,7 @@ def start_worker(
     n_ctx: int | None,
     extra_env: dict[str, str] | None = None,
     threads: int | None = None,
+    credentials: Path | None = None,
 ) -> subprocess.Popen:
     command = [
         sys.executable,
@@ -150,6 +192,8 @@ def start_worker(
         command += ["--n-ctx", str(n_ctx)]
     if threads is not None:
         command += ["--threads", str(threads)]
+    if credentials is not None:
+        command += ["--creds", str(credentials)]
     log = open(state.worker_log(index), "ab")
     return subprocess.Popen(
         command,
