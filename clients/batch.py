@@ -18,7 +18,6 @@ from pathlib import Path
 
 import anyio
 import nats.errors
-import nats.js.errors
 
 from confide.clients.client import Client, PreparedJob
 from confide.clients.outbox import JobState, Outbox, OutboxJob
@@ -167,12 +166,7 @@ class BatchRunner:
 
     async def _reply_started(self, job: OutboxJob) -> bool:
         assert job.secrets is not None
-        subject = subjects.reply_subject(job.secrets["reply_token"])
-        try:
-            await self._client._js.get_last_msg(subjects.REPLIES_STREAM, subject)
-        except nats.js.errors.NotFoundError:
-            return False
-        return True
+        return await self._client.reply_waiting(subjects.reply_subject(job.secrets["reply_token"]))
 
     async def _collect_one(self, job: OutboxJob, limiter: anyio.Semaphore) -> None:
         try:

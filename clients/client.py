@@ -1,16 +1,18 @@
 """The device-side client: verify the pool, seal a job, stream its reply.
 
 Plaintext exists only in this process. What goes to the broker is a sealed,
-padded job on the shared jobs subject and a subscription to one reply
-subject named by a one-way hash of the job's secret reply token.
+padded job on the shared jobs subject and a consumer of one reply subject
+named by a one-way hash of the job's secret reply token.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import anyio
@@ -19,8 +21,9 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy
 
+from confide.broker_config.credentials import ClientCredential, tls_context
+from confide.broker_config.permissions import CLIENT_API_PREFIX
 from confide.errors import (
     AttestationError,
     BrokerError,
@@ -32,6 +35,7 @@ from confide.errors import (
     ReplyIncompleteError,
 )
 from confide.clients.log_monitor import LogMonitor
+from confide.clients.replies import ReplyFeed, reply_waiting
 from confide.schemas import crypto, subjects
 from confide.schemas.attestation import TrustPolicy, verify_with_steps
 from confide.schemas.codec import MAX_STRING
@@ -127,15 +131,31 @@ class Client:
     def __init__(self, nc: NATS, policy: TrustPolicy, reply_timeout_s: float = 300.0, log_monitor: LogMonitor | None = None) -> None:
         self._nc = nc
         self._log_monitor = log_monitor
-        self._js: JetStreamContext = nc.jetstream()
+        # The client API prefix, which the broker maps onto $JS.API
+        # (broker_config/permissions.py); it works through a relay too.
+        self._js: JetStreamContext = nc.jetstream(prefix=CLIENT_API_PREFIX)
         self._policy = policy
         self._pool: AttestationBody | None = None
         self._fetched_at = 0.0
         self.reply_timeout_s = reply_timeout_s
 
     @classmethod
-    async def connect(cls, url: str, policy: TrustPolicy, reply_timeout_s: float = 300.0, log_monitor: LogMonitor | None = None) -> Client:
-        """Connect to the broker; once connected, reconnect without limit after a drop."""
+    async def connect(
+        cls,
+        url: str,
+        policy: TrustPolicy,
+        reply_timeout_s: float = 300.0,
+        log_monitor: LogMonitor | None = None,
+        credentials: ClientCredential | None = None,
+        tls_ca: Path | None = None,
+    ) -> Client:
+        """Connect to the broker; once connected, reconnect without limit after a drop.
+
+        `credentials` is the shared client credential, with which each
+        connection signs in as a fresh user, or None for a broker without
+        authentication. `tls_ca` is the CA file that verifies the broker's
+        TLS certificate.
+        """
         # nats-py retries even the first connection max_reconnect_attempts
         # times, so an unreachable broker is detected with one probe first.
         await _probe(url)
@@ -143,17 +163,27 @@ class Client:
         async def on_error(exc: Exception) -> None:
             log.warning("broker connection error: %s", type(exc).__name__)
 
+        options = _security_options(credentials, tls_ca)
         try:
+            # A rejected credential or certificate fails the same way on every
+            # try, so the first connection is not retried; later drops are.
             nc = await nats.connect(
                 url,
                 name="confide-client",
+                allow_reconnect=False,
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,
                 connect_timeout=5,
                 error_cb=on_error,
+                **options,
             )
+        except nats.errors.AuthorizationError:
+            raise BrokerError(f"the broker at {url} rejected the client credential; pass the broker's client credential with --creds") from None
+        except ssl.SSLError as exc:
+            raise BrokerError(f"TLS with the broker at {url} failed ({type(exc).__name__}); pass the CA that signed its certificate with --tls-ca") from None
         except (OSError, nats.errors.Error) as exc:
             raise BrokerError(f"cannot connect to the broker at {url}: {type(exc).__name__}; is it running? ('confide up' starts one)") from None
+        nc.options["allow_reconnect"] = True
         return cls(nc, policy, reply_timeout_s, log_monitor)
 
     async def close(self) -> None:
@@ -245,21 +275,20 @@ class Client:
         """
         receiver = job.receiver
         timeout = first_chunk_timeout_s or self.reply_timeout_s
+        feed = ReplyFeed(self._nc, job.reply_subject)
         try:
-            subscription = await self._js.subscribe(
-                job.reply_subject,
-                stream=subjects.REPLIES_STREAM,
-                ordered_consumer=True,
-                deliver_policy=DeliverPolicy.ALL,
-            )
+            await feed.open()
         except nats.errors.Error as exc:
             receiver.finish()
-            raise BrokerError(f"subscribing to the reply failed: {type(exc).__name__}") from None
+            raise BrokerError(f"opening the reply for reading failed: {type(exc).__name__}") from None
+        except BrokerError:
+            receiver.finish()
+            raise
         try:
             while not receiver.complete:
                 try:
-                    message = await subscription.next_msg(timeout=timeout)
-                except nats.errors.TimeoutError:
+                    data = await feed.next_chunk(timeout)
+                except TimeoutError:
                     raise ReplyIncompleteError(
                         f"no reply chunk for {timeout:.0f} s and the final chunk never came; the reply is incomplete"
                     ) from None
@@ -267,7 +296,7 @@ class Client:
                     raise BrokerError(f"reading the reply failed: {type(exc).__name__}") from None
                 timeout = self.reply_timeout_s
                 try:
-                    chunk = ReplyChunk.from_wire(message.data)
+                    chunk = ReplyChunk.from_wire(data)
                 except DecodeError as exc:
                     log.warning("ignored a malformed reply chunk: %s", exc.reason)
                     continue
@@ -292,11 +321,11 @@ class Client:
                 )
         finally:
             receiver.finish()
-            with anyio.CancelScope(shield=True):
-                try:
-                    await subscription.unsubscribe()
-                except nats.errors.Error:
-                    pass
+            await feed.close()
+
+    async def reply_waiting(self, reply_subject: str) -> bool:
+        """Return whether the broker stores at least one chunk on `reply_subject`."""
+        return await reply_waiting(self._nc, reply_subject)
 
     async def ask(self, messages: Sequence[ChatMessage], params: GenerationParams = GenerationParams()) -> AsyncIterator[ReplyEvent]:
         job = await self.submit(messages, params)
@@ -311,6 +340,16 @@ class Client:
                 parts.clear()
             parts.append(event.text)
         return "".join(parts)
+
+
+def _security_options(credentials: ClientCredential | None, tls_ca: Path | None) -> dict:
+    """Return the nats.connect arguments for the credential and the broker's CA."""
+    options: dict = {}
+    if credentials is not None:
+        options.update(credentials.connect_options())
+    if tls_ca is not None:
+        options["tls"] = tls_context(tls_ca)
+    return options
 
 
 async def _probe(url: str) -> None:
