@@ -25,6 +25,17 @@ state_dir_option = click.option(
     help="Directory for the local stack's processes, logs, keys and trust policy.",
 )
 broker_option = click.option("--broker", metavar="nats://HOST:PORT", help="Use this NATS server instead of the local stack's.")
+creds_option = click.option(
+    "--creds",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Credential file for the broker: the shared client credential for client commands, a .creds file for "
+    "the other roles [default: the role's file in STATE_DIR when it exists, else none].",
+)
+tls_ca_option = click.option(
+    "--tls-ca",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="CA certificate (PEM) that signed the broker's TLS certificate; needed for a broker that requires TLS.",
+)
 model_option = click.option(
     "--model",
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
@@ -215,6 +226,10 @@ def _client_options(function):
     function = click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=None, help="Sampling seed, for repeatable replies.")(function)
     function = click.option("--timeout", type=click.FloatRange(1, 86400), default=300, show_default=True, help="Seconds to wait between reply chunks.")(function)
     return function
+
+
+def _existing(path: Path) -> Path | None:
+    return path if path.is_file() else None
 
 
 def _resolve(state_dir: Path, broker: str | None, trust: Path | None) -> tuple[str, Path]:
@@ -512,6 +527,8 @@ def init_fido2(state_dir: Path) -> None:
 @main.command()
 @state_dir_option
 @broker_option
+@creds_option
+@tls_ca_option
 @model_option
 @n_ctx_option
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="CPU threads for llama.cpp [default: all cores].")
@@ -528,6 +545,8 @@ def init_fido2(state_dir: Path) -> None:
 def worker(
     state_dir: Path,
     broker: str | None,
+    creds: Path | None,
+    tls_ca: Path | None,
     model: Path | None,
     n_ctx: int | None,
     threads: int | None,
@@ -554,6 +573,8 @@ def worker(
         engine=EngineSettings(model_path, n_ctx or DEFAULT_N_CTX, threads),
         topology=Topology() if ack_wait is None else Topology(ack_wait_s=ack_wait),
         stats_path=stats_file,
+        credentials_path=creds or _existing(StackState(state_dir).credentials.worker),
+        tls_ca=tls_ca,
     )
     try:
         run(settings)

@@ -12,6 +12,8 @@ import nats
 import nats.errors
 from nats.aio.client import Client as NATS
 
+from confide.broker_config.credentials import load_user_credentials, tls_context
+from confide.broker_config.permissions import WORKER_INBOX_PREFIX
 from confide.broker_config.topology import Topology, ensure_topology
 from confide.errors import PoolJoinError
 from confide.schemas import subjects
@@ -35,6 +37,10 @@ class WorkerSettings:
     attestation_lifetime_s: int = 3600
     attestation_refresh_s: float = 600.0
     fetch_timeout_s: float = 5.0
+    # The worker user's .creds file and the CA file that verifies the
+    # broker's TLS certificate; None for a broker without either.
+    credentials_path: Path | None = None
+    tls_ca: Path | None = None
     stats_path: Path | None = None
     stats_interval_s: float = 5.0
 
@@ -48,7 +54,7 @@ async def run_worker(settings: WorkerSettings, *, task_status: anyio.abc.TaskSta
     measurement = await anyio.to_thread.run_sync(measure, settings.engine.model_path, settings.engine.measured())
     log.info("measurement %s platform=%s simulated=%s", measurement.hex(), tee.platform, tee.simulated)
 
-    nc = await _connect(settings.broker_url)
+    nc = await _connect(settings)
     try:
         js = nc.jetstream()
         await ensure_topology(js, settings.topology)
@@ -87,7 +93,13 @@ async def run_worker(settings: WorkerSettings, *, task_status: anyio.abc.TaskSta
             await nc.close()
 
 
-async def _connect(url: str) -> NATS:
+async def _connect(settings: WorkerSettings) -> NATS:
+    options: dict = {}
+    if settings.credentials_path is not None:
+        options.update(load_user_credentials(settings.credentials_path).connect_options(WORKER_INBOX_PREFIX))
+    if settings.tls_ca is not None:
+        options["tls"] = tls_context(settings.tls_ca)
+
     async def on_error(exc: Exception) -> None:
         log.warning("broker connection error: %s", type(exc).__name__)
 
@@ -98,13 +110,14 @@ async def _connect(url: str) -> NATS:
         log.info("reconnected to the broker")
 
     return await nats.connect(
-        url,
+        settings.broker_url,
         name="confide-worker",
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
         error_cb=on_error,
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
+        **options,
     )
 
 
