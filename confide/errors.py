@@ -88,3 +88,7 @@ class BrokerError(ConfideError):
 
 class PoolJoinError(ConfideError):
     """A starting worker could not obtain the pool key, so it must not take jobs."""
+
+
+class WorkerStartError(ConfideError):
+    """A worker must not take jobs: its release cannot be proven or its setup is invalid."""

@@ -39,6 +39,7 @@ PLATFORMS = frozenset({"simulated", "sev-snp", "tdx"})
 PURPOSES = frozenset({"pool", "join", "notice"})
 
 REPLY_SUBJECT_PERSON = b"confide:rsubj:v1"
+NOTICE_PERSON = b"confide:notice:1"
 KEY_ID_PERSON = b"confide:keyid:v1"
 
 
@@ -52,6 +53,16 @@ def reply_subject_token(reply_token: bytes) -> str:
     The broker stores this name but cannot recover the token from it.
     """
     return crypto.digest(reply_token, REPLY_SUBJECT_PERSON, 16).hex()
+
+
+def envelope_digest(envelope: bytes) -> bytes:
+    """Return the digest that names a job's expired-key notice.
+
+    A worker that cannot open a job never learns its reply token, so the
+    notice is filed under reply_subject(envelope_digest(envelope)), which
+    both the client and the worker can compute from the published bytes.
+    """
+    return crypto.digest(envelope, NOTICE_PERSON)
 
 
 # -- job envelope: what the client publishes to the jobs subject -------------

@@ -24,7 +24,7 @@ from nats.js import JetStreamContext
 
 from confide.errors import AuthenticationError, DecodeError
 from confide.schemas import crypto, subjects
-from confide.schemas.messages import ChunkBody, JobEnvelope, JobRequest
+from confide.schemas.messages import ChunkBody, JobEnvelope, JobRequest, envelope_digest
 from confide.schemas.reply_keys import ReplySender
 from confide.workers.engine import Engine, GenerationResult, PromptTooLongError
 from confide.workers.pool_key import PoolKeyHolder
@@ -32,6 +32,9 @@ from confide.workers.stats import WorkerStats
 
 log = logging.getLogger("confide.worker.job")
 
+# Seconds before a job sealed to an unknown pool key is offered again, so a
+# member that holds the key can take it.
+UNKNOWN_KEY_RETRY_S = 2.0
 # Larger text pieces are split so one chunk stays well under the chunk limit.
 MAX_CHUNK_CHARS = 4096
 
@@ -135,9 +138,12 @@ class JobRunner:
             return None
 
         keys = self._pool.keys_for(envelope.key_id)
+        if keys is None and not self._pool.is_erased(envelope.key_id):
+            # Perhaps the pool rotated since this worker last looked.
+            await self._pool.sync()
+            keys = self._pool.keys_for(envelope.key_id)
         if keys is None:
-            # TODO: send an "unknown key" reply once key epochs exist; the token is unreadable here.
-            await self._terminate(message, "unknown_key", sequence)
+            await self._no_key(message, envelope.key_id, sequence)
             return None
         try:
             padded = crypto.unseal(envelope.sealed, keys)
@@ -272,6 +278,28 @@ class JobRunner:
             await message.ack_sync()
         self._stats.rejected(code)
         log.info("job rejected with error reply seq=%d reason=%s", sequence, code)
+
+    async def _no_key(self, message: Msg, key_id: bytes, sequence: int) -> None:
+        """Handle a job sealed to a pool key this worker does not hold.
+
+        An erased epoch's job can never be opened: the worker files a signed
+        expired-key notice the client can find from its envelope, so the
+        client seals the job again. A job sealed to the key the pool has
+        just published, which this worker has not fetched yet, goes back to
+        the queue for a member that holds it. Any other key id is unknown.
+        """
+        if self._pool.is_erased(key_id):
+            notice = self._pool.attest_notice(envelope_digest(message.data))
+            with anyio.CancelScope(shield=True):
+                await self._js.publish(subjects.reply_subject(envelope_digest(message.data)), notice, stream=subjects.REPLIES_STREAM)
+            await self._terminate(message, "expired_key", sequence)
+            return
+        if self._pool.is_published(key_id) and message.metadata.num_delivered < self._settings.max_deliver:
+            with anyio.CancelScope(shield=True):
+                await message.nak(delay=UNKNOWN_KEY_RETRY_S)
+            log.info("job handed back: sealed to a pool key this worker lacks seq=%d", sequence)
+            return
+        await self._terminate(message, "unknown_key", sequence)
 
     async def _terminate(self, message: Msg, reason: str, sequence: int) -> None:
         """Stop redelivery of a job that can never succeed; no reply is possible."""

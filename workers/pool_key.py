@@ -18,12 +18,19 @@ A document that does not verify for the starting worker (another
 measurement, for example) is replaced only when no member answers for it:
 a running pool keeps its key, so a worker with other code or settings
 cannot take the pool's jobs away from it.
+
+Keys rotate in epochs (workers/epochs.py). Every member runs `maintain()`:
+when the current epoch is due, members race to publish a new document with
+a revision check; the winner's key becomes current, and the others fetch it
+through the same key release. A member releases every live epoch, so a
+joiner can also open jobs queued under the previous key.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 
 import anyio
 import nats.errors
@@ -36,12 +43,14 @@ from confide.errors import AttestationError, AuthenticationError, DecodeError, P
 from confide.schemas import crypto, subjects
 from confide.schemas.attestation import TrustPolicy, verify_document
 from confide.schemas.codec import encode
-from confide.schemas.messages import AttestationBody, KeyRelease, key_id_for
+from confide.schemas.messages import AttestationBody, KeyRelease, ReleaseEvidence, SignedDocument, key_id_for
+from confide.workers.epochs import Epoch, EpochRing
 from confide.workers.tee import TeeBackend
 
 log = logging.getLogger("confide.worker.pool")
 
 JOIN_TIMEOUT_S = 5.0
+SYNC_INTERVAL_S = 1.0
 JOIN_ROUNDS = 5
 REFUSAL = encode({"v": 1, "type": "key_release_refused"})
 
@@ -52,6 +61,8 @@ class PoolIdentity:
     measurement: bytes
     model: str
     attestation_lifetime_s: int
+    dev_mode: bool = False
+    release: ReleaseEvidence | None = None
 
     def member_policy(self, platform_key: bytes) -> TrustPolicy:
         """Accept joiners on our own platform root running exactly our measurement."""
@@ -59,25 +70,58 @@ class PoolIdentity:
             platform_keys={self.tee.platform: platform_key},
             measurements=frozenset({self.measurement}),
             allow_simulated=self.tee.simulated,
+            allow_dev=self.dev_mode,
             max_age_s=self.attestation_lifetime_s,
         )
 
 
+@dataclass(frozen=True)
+class EpochSettings:
+    rotate_every_s: int = 3600
+    grace_s: int = 3600
+    # Ids of erased keys are kept as long as a job sealed to one can be queued.
+    remember_s: int = 24 * 3600
+    check_every_s: float = 5.0
+    refresh_every_s: float = 600.0
+
+
 class PoolKeyHolder:
-    def __init__(self, nc: NATS, kv: KeyValue, identity: PoolIdentity, platform_verify_key: bytes) -> None:
+    def __init__(
+        self,
+        nc: NATS,
+        kv: KeyValue,
+        identity: PoolIdentity,
+        platform_verify_key: bytes,
+        epochs: EpochSettings = EpochSettings(),
+    ) -> None:
         self._nc = nc
         self._kv = kv
         self._identity = identity
         self._policy = identity.member_policy(platform_verify_key)
-        self.keys: crypto.KeyPair | None = None
+        self._settings = epochs
+        self.ring = EpochRing(epochs.grace_s, epochs.remember_s)
+        self._published_at = 0.0
+        self._published_key_id: bytes | None = None
+        self._synced_at = 0.0
         # Subscribed before the key's document is published, so a joiner
         # never finds a document that no member serves.
         self._subscription: Subscription | None = None
 
+    @property
+    def keys(self) -> crypto.KeyPair | None:
+        """The current epoch's key pair."""
+        current = self.ring.current
+        return current.keys if current is not None else None
+
     def keys_for(self, key_id: bytes) -> crypto.KeyPair | None:
-        if self.keys is None or not crypto.constant_time_equal(key_id, key_id_for(self.keys.public)):
-            return None
-        return self.keys
+        return self.ring.keys_for(key_id)
+
+    def is_erased(self, key_id: bytes) -> bool:
+        return self.ring.is_erased(key_id)
+
+    def is_published(self, key_id: bytes) -> bool:
+        """Return whether `key_id` is the key the pool document named at the last check."""
+        return self._published_key_id is not None and crypto.constant_time_equal(key_id, self._published_key_id)
 
     async def join_or_create(self) -> str:
         """Obtain the pool key; return "joined" or "created"."""
@@ -129,7 +173,7 @@ class PoolKeyHolder:
             return False
 
         try:
-            secret = crypto.unseal(KeyRelease.from_wire(reply.data).sealed, join_keys)
+            payload = crypto.unseal(KeyRelease.from_wire(reply.data).sealed, join_keys)
         except (DecodeError, AuthenticationError):
             raise PoolJoinError(
                 "a pool member rejected the key release request: this worker's measurement "
@@ -138,28 +182,32 @@ class PoolKeyHolder:
             ) from None
         finally:
             join_keys.erase()
-        keys = crypto.KeyPair(secret)
         if pool_public is None:
-            keys.erase()
             raise PoolJoinError(
                 "a pool member released the pool key, but the pool attestation document does not verify for this "
                 "worker, so the key cannot be checked; see the log line above and start the worker again"
             )
-        if not crypto.constant_time_equal(keys.public, pool_public):
-            keys.erase()
-            raise PoolJoinError("the released key does not match the pool's attested key; start the worker again")
-        self._subscription = await self._subscribe()
-        self.keys = keys
+        now = int(time.time())
+        try:
+            self.ring.merge_release(payload, now)
+        except (DecodeError, ValueError):
+            raise PoolJoinError("a pool member sent an unreadable key release; start the worker again") from None
+        wanted = key_id_for(pool_public)
+        if self.ring.keys_for(wanted) is None:
+            raise PoolJoinError("the released keys do not include the pool's attested key; start the worker again")
+        self.ring.make_current(wanted, now)
+        if self._subscription is None:
+            self._subscription = await self._subscribe()
         return True
 
     async def _subscribe(self) -> Subscription:
         return await self._nc.subscribe(subjects.KEY_RELEASE_SUBJECT, queue="confide-pool")
 
     async def _create(self, revision: int | None) -> bool:
-        keys = crypto.KeyPair.generate()
-        document = self._attest(keys.public)
-        self.keys = keys
-        subscription = await self._subscribe()
+        now = int(time.time())
+        epoch = Epoch(crypto.KeyPair.generate(), now)
+        document = self._attest(epoch.keys.public)
+        subscription = self._subscription or await self._subscribe()
         try:
             if revision is None:
                 await self._kv.create(subjects.ATTESTATION_KEY, document)
@@ -167,25 +215,99 @@ class PoolKeyHolder:
                 await self._kv.update(subjects.ATTESTATION_KEY, document, last=revision)
         except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError):
             # Another worker published its key first; join that one instead.
-            await subscription.unsubscribe()
-            self.keys = None
-            keys.erase()
+            if self._subscription is None:
+                await subscription.unsubscribe()
+            epoch.keys.erase()
             return False
+        self.ring.install(epoch, now, current=True)
         self._subscription = subscription
+        self._published_at = time.monotonic()
         return True
 
     def _attest(self, pool_public: bytes) -> bytes:
+        return self._signed("pool", pool_public)
+
+    def attest_notice(self, subject_key: bytes) -> bytes:
+        """Sign a notice that binds `subject_key` (a digest of a job envelope) to this worker."""
+        return self._signed("notice", subject_key)
+
+    def _signed(self, purpose: str, key: bytes) -> bytes:
+        """Return a TEE document for `key`, with this worker's release log evidence attached."""
         identity = self._identity
-        return identity.tee.attest(identity.measurement, "pool", pool_public, identity.model, identity.attestation_lifetime_s).to_wire()
+        document = identity.tee.attest(
+            identity.measurement, purpose, key, identity.model, identity.attestation_lifetime_s, dev_mode=identity.dev_mode
+        )
+        if identity.release is not None:
+            document = replace(document, release=identity.release)
+        return document.to_wire()
 
     async def refresh(self) -> None:
-        assert self.keys is not None
-        await self._kv.put(subjects.ATTESTATION_KEY, self._attest(self.keys.public))
+        """Publish a fresh document for the current key, unless another key took its place."""
+        entry = await self._current_entry()
+        current = self.ring.current
+        if current is None or entry is None:
+            return
+        published = _published_key_id(entry.value)
+        if published is None or not crypto.constant_time_equal(published, current.key_id):
+            return
+        try:
+            await self._kv.update(subjects.ATTESTATION_KEY, self._attest(current.keys.public), last=entry.revision)
+            self._published_at = time.monotonic()
+        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError):
+            pass
+
+    async def maintain(self) -> None:
+        """Follow, rotate, refresh and erase epochs until cancelled."""
+        while True:
+            await anyio.sleep(self._settings.check_every_s)
+            try:
+                await self._maintain_once()
+            except (nats.errors.Error, PoolJoinError) as exc:
+                log.warning("pool key maintenance failed: %s; retrying", exc if isinstance(exc, PoolJoinError) else type(exc).__name__)
+
+    async def sync(self) -> None:
+        """Catch up with the published epoch now; failures are logged and left to maintain().
+
+        At most one sync a second, so a flood of jobs with bogus key ids
+        costs the broker at most one bucket read a second.
+        """
+        if time.monotonic() - self._synced_at < SYNC_INTERVAL_S:
+            return
+        self._synced_at = time.monotonic()
+        try:
+            await self._maintain_once(rotate=False)
+        except (nats.errors.Error, PoolJoinError) as exc:
+            log.warning("pool key sync failed: %s", exc if isinstance(exc, PoolJoinError) else type(exc).__name__)
+
+    async def _maintain_once(self, rotate: bool = True) -> None:
+        now = int(time.time())
+        entry = await self._current_entry()
+        published = _published_key_id(entry.value) if entry is not None else None
+        self._published_key_id = published
+        current = self.ring.current
+
+        if published is not None and current is not None and not crypto.constant_time_equal(published, current.key_id):
+            if self.ring.keys_for(published) is not None:
+                self.ring.make_current(published, now)
+                log.info("pool key epoch %s is now current", published.hex())
+            else:
+                body = self._verify_pool_document(entry.value)
+                if body is not None and await self._join(body.key):
+                    log.info("obtained the new pool key epoch %s from a member", published.hex())
+        elif rotate and entry is not None and self.ring.due_for_rotation(now, self._settings.rotate_every_s):
+            previous = current.key_id.hex() if current is not None else "none"
+            if await self._create(revision=entry.revision):
+                log.info("rotated the pool key: epoch %s replaces %s", self.ring.current.key_id.hex(), previous)
+        elif rotate and time.monotonic() - self._published_at >= self._settings.refresh_every_s:
+            await self.refresh()
+
+        for key_id in self.ring.expire(now):
+            log.info("erased pool key epoch %s after its grace period", key_id.hex())
 
     async def serve_key_release(self) -> None:
         """Respond to join requests until cancelled; call after join_or_create."""
         subscription = self._subscription
-        assert subscription is not None and self.keys is not None
+        assert subscription is not None and self.ring.current is not None
         try:
             async for message in subscription.messages:
                 await message.respond(self._release(message.data))
@@ -194,7 +316,7 @@ class PoolKeyHolder:
                 await subscription.unsubscribe()
 
     def _release(self, unverified: bytes) -> bytes:
-        if self.keys is None:
+        if self.ring.current is None:
             return REFUSAL
         try:
             body = verify_document(unverified, self._policy, purpose="join")
@@ -202,5 +324,13 @@ class PoolKeyHolder:
             log.warning("key release refused: rejected a joining worker: %s", exc)
             return REFUSAL
 
-        log.info("pool key released to a joining worker with key %s", crypto.fingerprint(body.key))
-        return KeyRelease(crypto.seal(self.keys.secret, body.key)).to_wire()
+        log.info("pool key released to a joining worker with key %s (%d epochs)", crypto.fingerprint(body.key), len(self.ring))
+        return KeyRelease(crypto.seal(self.ring.to_release(), body.key)).to_wire()
+
+
+def _published_key_id(unverified: bytes) -> bytes | None:
+    """Read the key id a pool document names, without trusting it: only for comparisons."""
+    try:
+        return AttestationBody.from_bytes(SignedDocument.from_wire(unverified).body).key_id
+    except DecodeError:
+        return None

@@ -20,7 +20,10 @@ from confide.schemas import subjects
 from confide.workers.engine import Engine, EngineSettings
 from confide.workers.job import JobRunner, JobSettings
 from confide.workers.measurement import measure
-from confide.workers.pool_key import PoolIdentity, PoolKeyHolder
+from confide.errors import TransparencyError, WorkerStartError
+from confide.schemas.messages import ReleaseEvidence
+from confide.workers.pool_key import EpochSettings, PoolIdentity, PoolKeyHolder
+from confide.workers.release_evidence import find_evidence
 from confide.workers.stats import WorkerStats
 from confide.workers.tee import SimulatedTee, load_platform_key
 
@@ -35,7 +38,11 @@ class WorkerSettings:
     jobs: JobSettings = field(default_factory=JobSettings)
     topology: Topology = field(default_factory=Topology)
     attestation_lifetime_s: int = 3600
-    attestation_refresh_s: float = 600.0
+    epochs: EpochSettings = field(default_factory=EpochSettings)
+    # The release log's verify key; the worker proves its measurement is a
+    # logged release. Without one, or in dev_mode, it runs without that proof.
+    log_key: bytes | None = None
+    dev_mode: bool = False
     fetch_timeout_s: float = 5.0
     # The worker user's .creds file and the CA file that verifies the
     # broker's TLS certificate; None for a broker without either.
@@ -59,8 +66,9 @@ async def run_worker(settings: WorkerSettings, *, task_status: anyio.abc.TaskSta
         js = nc.jetstream()
         await ensure_topology(js, settings.topology)
         kv = await js.key_value(subjects.POOL_BUCKET)
-        identity = PoolIdentity(tee, measurement, engine.model_name, settings.attestation_lifetime_s)
-        pool = PoolKeyHolder(nc, kv, identity, platform_key.verify_key)
+        release = await _release_evidence(js, measurement, settings)
+        identity = PoolIdentity(tee, measurement, engine.model_name, settings.attestation_lifetime_s, settings.dev_mode, release)
+        pool = PoolKeyHolder(nc, kv, identity, platform_key.verify_key, settings.epochs)
         how = await pool.join_or_create()
         log.info("pool key %s (%s)", "joined from a pool member" if how == "joined" else "created", how)
 
@@ -77,7 +85,7 @@ async def run_worker(settings: WorkerSettings, *, task_status: anyio.abc.TaskSta
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(pool.serve_key_release)
-            tg.start_soon(_refresh_attestation, pool, settings.attestation_refresh_s)
+            tg.start_soon(pool.maintain)
             if settings.stats_path is not None:
                 tg.start_soon(_write_stats, stats, settings.stats_path, settings.stats_interval_s)
             log.info("worker ready: taking jobs from %s", subjects.JOBS_SUBJECT)
@@ -144,13 +152,27 @@ async def _pull_jobs(consumer, runner: JobRunner, fetch_timeout_s: float) -> Non
                 log.error("job failed seq=%d error=%s", message.metadata.sequence.stream, type(exc).__name__)
 
 
-async def _refresh_attestation(pool: PoolKeyHolder, interval_s: float) -> None:
-    while True:
-        await anyio.sleep(interval_s)
-        try:
-            await pool.refresh()
-        except nats.errors.Error as exc:
-            log.warning("attestation refresh failed: %s; retrying in %.0f s", type(exc).__name__, interval_s)
+async def _release_evidence(js, measurement: bytes, settings: WorkerSettings) -> ReleaseEvidence | None:
+    """Find this worker's release in the log; refuse to start without one unless in development mode."""
+    if settings.dev_mode:
+        log.warning("DEVELOPMENT MODE: this worker's measurement need not be a logged release, and its attestation says so")
+    if settings.log_key is None:
+        if not settings.dev_mode:
+            log.warning("no release log key configured: the attestation carries no release proof")
+        return None
+    try:
+        evidence = await find_evidence(js, measurement, settings.log_key)
+    except TransparencyError as exc:
+        if settings.dev_mode:
+            log.warning("release log unavailable (%s); continuing in development mode", exc)
+            return None
+        raise WorkerStartError(f"cannot check this worker against the release log: {exc}") from None
+    if evidence is None and not settings.dev_mode:
+        raise WorkerStartError(
+            f"measurement {measurement.hex()} is not in the release log: run 'confide release' for this build, "
+            "or start the worker with --dev"
+        )
+    return evidence
 
 
 async def _write_stats(stats: WorkerStats, path: Path, interval_s: float) -> None:
