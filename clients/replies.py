@@ -38,8 +38,11 @@ INACTIVE_THRESHOLD_S = 30.0
 API_TIMEOUT_S = 5.0
 NANOSECONDS = 1_000_000_000
 STATUS_CONTROL = "100"
-# nats-server's JSConsumerExistingActiveErr and JSConsumerAlreadyExists.
-CONSUMER_EXISTS_CODES = frozenset({10013, 10105, 10148})
+# JetStream errors for a consumer of that name that is still there, left by
+# an earlier reader: 10013 "consumer name already in use" (the other reader
+# is still subscribed) and 10012, here "deliver policy can not be updated"
+# or "heart beats can not be updated" (measured on nats-server 2.15.1).
+CONSUMER_EXISTS_CODES = frozenset({10012, 10013})
 
 
 class ReplyFeed:
@@ -166,10 +169,6 @@ class ReplyFeed:
         if replace_existing:
             await delete_reply_consumer(self._nc, self._reply_subject)
         error = (await create_reply_consumer(self._nc, self._reply_subject, config)).get("error")
-        if error is not None and error.get("err_code") in CONSUMER_EXISTS_CODES and not replace_existing:
-            # Left by an earlier reader of this reply that has not expired yet.
-            await delete_reply_consumer(self._nc, self._reply_subject)
-            error = (await create_reply_consumer(self._nc, self._reply_subject, config)).get("error")
         if error is not None:
             raise BrokerError(f"the broker rejected the reply consumer (JetStream error {error.get('err_code')}); check that it runs confide's streams")
 
@@ -201,9 +200,14 @@ async def reply_waiting(nc: NATS, reply_subject: str) -> bool:
 
 
 async def create_reply_consumer(nc: NATS, reply_subject: str, config: dict[str, object]) -> dict:
-    """Send the consumer create request for `reply_subject`; return the JSON response."""
-    request = {"stream_name": subjects.REPLIES_STREAM, "config": config}
-    return await _api_request(nc, permissions.reply_consumer_create_subject(reply_subject), json.dumps(request).encode())
+    """Create the consumer for `reply_subject`, replacing one an earlier reader left; return the JSON response."""
+    subject = permissions.reply_consumer_create_subject(reply_subject)
+    request = json.dumps({"stream_name": subjects.REPLIES_STREAM, "config": config}).encode()
+    response = await _api_request(nc, subject, request)
+    if response.get("error", {}).get("err_code") in CONSUMER_EXISTS_CODES:
+        await delete_reply_consumer(nc, reply_subject)
+        response = await _api_request(nc, subject, request)
+    return response
 
 
 async def delete_reply_consumer(nc: NATS, reply_subject: str) -> None:
