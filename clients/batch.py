@@ -24,6 +24,7 @@ from confide.clients.outbox import JobState, Outbox, OutboxJob
 from confide.errors import (
     AuthenticationError,
     BrokerError,
+    KeyExpiredError,
     ConfideError,
     ReplyError,
     ReplyIncompleteError,
@@ -198,6 +199,10 @@ class BatchRunner:
                     parts.append(event.text)
                     if event.final:
                         return {"reply": "".join(parts), "finish": event.finish, "completion_tokens": event.completion_tokens}, False
+            except KeyExpiredError:
+                log.info("a batch job's pool key was erased before a worker took it; sealing it again")
+                await self._reseal(job)
+                continue
             except ReplyError as exc:
                 return {"error": {"code": exc.code, "message": exc.detail}}, True
             except (AuthenticationError, ReplyOrderError) as exc:
@@ -210,6 +215,14 @@ class BatchRunner:
             finally:
                 if started:
                     self.counts.running -= 1
+
+
+    async def _reseal(self, job: OutboxJob) -> None:
+        """Seal an accepted job again to the current pool key and publish it."""
+        await self._client.attest(refresh=True)
+        prepared = await self._client.prepare([ChatMessage("user", job.prompt or "")], self._settings.params)
+        self._outbox.save_secrets(job, prepared.to_secrets())
+        self._outbox.mark_accepted(job, await self._publish_until_accepted(prepared))
 
 
 def write_results(outbox: Outbox, batch_id: str, output: Path) -> int:

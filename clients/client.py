@@ -30,6 +30,7 @@ from confide.errors import (
     DecodeError,
     EmptyPromptError,
     JobTooLargeError,
+    KeyExpiredError,
     LocalProtocolError,
     ReplyError,
     ReplyIncompleteError,
@@ -37,7 +38,7 @@ from confide.errors import (
 from confide.clients.log_monitor import LogMonitor
 from confide.clients.replies import ReplyFeed, reply_waiting
 from confide.schemas import crypto, subjects
-from confide.schemas.attestation import TrustPolicy, verify_with_steps
+from confide.schemas.attestation import TrustPolicy, verify_document, verify_with_steps
 from confide.schemas.codec import MAX_STRING
 from confide.schemas.messages import (
     JOB_ID_SIZE,
@@ -50,6 +51,7 @@ from confide.schemas.messages import (
     JobEnvelope,
     JobRequest,
     ReplyChunk,
+    envelope_digest,
 )
 from confide.schemas.reply_keys import ReplyReceiver
 
@@ -64,6 +66,10 @@ PUBLISH_FRAMING = 128
 # A verified pool document is fetched again after this many seconds, so a
 # long chat follows key rotations.
 ATTESTATION_CACHE_S = 60.0
+# How often a client waiting for a job's first chunk checks for an
+# expired-key notice, and how many times ask() seals a job again after one.
+NOTICE_POLL_S = 2.0
+RESUBMISSIONS = 3
 # "Nats-Msg-Id: <32 hex digits>" plus the NATS/1.0 header line and CRLFs.
 MESSAGE_ID_HEADER_SIZE = 64
 
@@ -75,6 +81,9 @@ class PendingJob:
     receiver: ReplyReceiver
     reply_subject: str
     stream_sequence: int
+    # Digest of the published envelope: a worker that finds the job sealed to
+    # an erased pool key files a signed notice under reply_subject(digest).
+    envelope_digest: bytes | None = None
 
     def __repr__(self) -> str:
         return f"PendingJob(seq={self.stream_sequence})"
@@ -96,7 +105,7 @@ class PreparedJob:
 
     def pending(self, stream_sequence: int) -> PendingJob:
         receiver = ReplyReceiver(self.job_id, self.reply_token, crypto.KeyPair(self.client_secret))
-        return PendingJob(receiver, subjects.reply_subject(self.reply_token), stream_sequence)
+        return PendingJob(receiver, subjects.reply_subject(self.reply_token), stream_sequence, envelope_digest(self.envelope))
 
     def to_secrets(self) -> dict[str, object]:
         return {
@@ -287,7 +296,10 @@ class Client:
         try:
             while not receiver.complete:
                 try:
-                    data = await feed.next_chunk(timeout)
+                    if receiver.attempt == 0 and job.envelope_digest is not None:
+                        data = await self._first_chunk(feed, job.envelope_digest, timeout)
+                    else:
+                        data = await feed.next_chunk(timeout)
                 except TimeoutError:
                     raise ReplyIncompleteError(
                         f"no reply chunk for {timeout:.0f} s and the final chunk never came; the reply is incomplete"
@@ -327,10 +339,49 @@ class Client:
         """Return whether the broker stores at least one chunk on `reply_subject`."""
         return await reply_waiting(self._nc, reply_subject)
 
+    async def _first_chunk(self, feed: ReplyFeed, digest: bytes, timeout: float) -> bytes:
+        """Wait for the first chunk, checking now and then for a signed expired-key notice."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            try:
+                return await feed.next_chunk(min(NOTICE_POLL_S, remaining))
+            except TimeoutError:
+                pass
+            if await self._expired_notice(digest):
+                raise KeyExpiredError("the job was sealed to a pool key that has been erased; seal it again")
+
+    async def _expired_notice(self, digest: bytes) -> bool:
+        """Return True if an attested worker signed an expired-key notice for this envelope digest."""
+        subject = subjects.reply_subject(digest)
+        if not await reply_waiting(self._nc, subject):
+            return False
+        async with ReplyFeed(self._nc, subject) as notices:
+            try:
+                unverified = await notices.next_chunk(NOTICE_POLL_S)
+            except TimeoutError:
+                return False
+        try:
+            body = verify_document(unverified, self._policy, purpose="notice")
+        except AttestationError as exc:
+            log.warning("ignored an expired-key notice that failed verification: %s", exc)
+            return False
+        return crypto.constant_time_equal(body.key, digest)
+
     async def ask(self, messages: Sequence[ChatMessage], params: GenerationParams = GenerationParams()) -> AsyncIterator[ReplyEvent]:
-        job = await self.submit(messages, params)
-        async for event in self.replies(job):
-            yield event
+        """Submit a job and yield its reply; a job sealed to an erased pool key is sealed again by itself."""
+        for _ in range(RESUBMISSIONS):
+            job = await self.submit(messages, params)
+            try:
+                async for event in self.replies(job):
+                    yield event
+                return
+            except KeyExpiredError:
+                log.info("the pool key this job was sealed to was erased; sealing the job again to the current key")
+                await self.attest(refresh=True)
+        raise KeyExpiredError(f"the job was sealed to an erased pool key {RESUBMISSIONS} times; check the pool's key rotation settings")
 
     async def ask_text(self, messages: Sequence[ChatMessage], params: GenerationParams = GenerationParams()) -> str:
         """Return the whole reply text; an attempt restart discards the partial text."""

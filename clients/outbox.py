@@ -161,8 +161,9 @@ class Outbox:
     def mark_accepted(self, job: OutboxJob, stream_sequence: int) -> None:
         assert job.secrets is not None
         secrets = {**job.secrets, "stream_sequence": stream_sequence}
-        # The prompt is not needed once the broker holds the sealed job.
-        self._update(job, JobState.ACCEPTED, {"input_id": job.input_id, "secrets": secrets})
+        # The prompt stays (encrypted) until the job finishes: a job sealed to
+        # a pool key that is erased before a worker takes it is sealed again.
+        self._update(job, JobState.ACCEPTED, {"input_id": job.input_id, "prompt": job.prompt, "secrets": secrets})
         job.secrets = secrets
         job.state = JobState.ACCEPTED
 

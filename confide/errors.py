@@ -92,3 +92,7 @@ class PoolJoinError(ConfideError):
 
 class WorkerStartError(ConfideError):
     """A worker must not take jobs: its release cannot be proven or its setup is invalid."""
+
+
+class KeyExpiredError(ConfideError):
+    """A worker reported, with a signed notice, that the job's pool key was erased."""
