@@ -1,8 +1,8 @@
 """Batch jobs: submit many prompts, collect the replies later, lose nothing.
 
 Every job is written to the outbox (encrypted at rest) before it is
-published, and its acceptance is recorded when JetStream acknowledges it, so
-a run that is interrupted and started again continues where it stopped
+published, and its acceptance is recorded when JetStream acknowledges it.
+So a run that is interrupted and started again continues where it stopped
 without resubmitting an accepted job. Results are written in input order
 once every job of the batch is done or failed.
 """

@@ -73,8 +73,8 @@ class Fido2KeySource:
     """Derive the device key from a FIDO2 authenticator's PRF extension.
 
     `client` is a fido2.client.Fido2Client (python-fido2 2.x). The credential
-    file stores the credential id created by `register`; each `derive` asks
-    the authenticator for PRF(credential, salt=BLAKE2b(context)), which
+    file stores the credential id created by `register`; each `derive` requests
+    from the authenticator for PRF(credential, salt=BLAKE2b(context)), which
     needs the user's touch or PIN as the authenticator requires.
 
     NOTE: exercised only against a stand-in client in the tests; no

@@ -1,6 +1,6 @@
 """`confide release`: append the installed worker's measurement to the release log.
 
-The log operator keeps the log (SQLite) and its Ed25519 signing key; after
+The log operator keeps the log (SQLite) and its Ed25519 signing key. After
 each append it signs a new tree head and publishes the leaves and the head
 to the broker, where workers and clients read them.
 """

@@ -87,7 +87,10 @@ def verify_with_steps(
         raise AttestationError("the pool runs on a simulated TEE and the trust policy does not allow simulated platforms")
     if body.dev_mode and not policy.allow_dev:
         raise AttestationError("the pool runs in development mode (its code need not be a logged release); pass --allow-dev to accept it")
-    report("platform", ("SIMULATED TEE" if body.simulated else "hardware TEE") + (", DEVELOPMENT MODE" if body.dev_mode else ""))
+    platform_note = "SIMULATED TEE" if body.simulated else "hardware TEE"
+    if body.dev_mode:
+        platform_note += ", DEVELOPMENT MODE"
+    report("platform", platform_note)
 
     tree_head, leaf_index = _check_measurement(document, body, policy, report)
 

@@ -5,7 +5,7 @@ The log's operator publishes to the key-value bucket `confide_log`:
     tree_head       the latest signed tree head (schemas/transparency.py wire form)
     leaf.<index>    each release record's leaf bytes, index from 0
 
-Workers read it to prove their measurement is a release; clients read it to
+Workers read it to prove their measurement is a release. Clients read it to
 check that each tree head they see is consistent with the last one they
 stored. Nothing read from the bucket is trusted until a signature or a proof
 checks it.
@@ -61,7 +61,7 @@ async def read_log(js: JetStreamContext, log_verify_key: bytes) -> tuple[SignedT
         kv = await js.key_value(LOG_BUCKET)
         wire = (await kv.get(TREE_HEAD_KEY)).value
     except (nats.js.errors.BucketNotFoundError, nats.js.errors.KeyNotFoundError, nats.js.errors.NotFoundError):
-        raise TransparencyError("the broker holds no release log: publish one with 'confide release'") from None
+        raise TransparencyError("the release log was not found on the broker: publish one with 'confide release'") from None
     except nats.errors.Error as exc:
         raise TransparencyError(f"reading the release log failed: {type(exc).__name__}") from None
 
