@@ -55,6 +55,9 @@ class ReplyFeed:
         self._next_stream_sequence = 1
         self._expected_delivery = 1
         self._broken = False
+        # When the consumer last sent anything, kept across next_chunk calls
+        # so that short waits still notice a consumer that went silent.
+        self._last_activity = time.monotonic()
 
     async def open(self) -> None:
         """Create the consumer; raise BrokerError if the broker refuses it."""
@@ -83,7 +86,8 @@ class ReplyFeed:
         """Return the next stored chunk's bytes; raise TimeoutError if none arrives within `timeout_s`."""
         deadline = time.monotonic() + timeout_s
         while True:
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            remaining = deadline - now
             if remaining <= 0:
                 raise TimeoutError("no reply chunk arrived in time")
             if self._broken:
@@ -91,18 +95,22 @@ class ReplyFeed:
                 if self._broken:
                     await anyio.sleep(min(remaining, HEARTBEAT_S))
                     continue
+            silence_left = self._last_activity + HEARTBEAT_S * MISSED_HEARTBEATS - now
+            if silence_left <= 0:
+                self._broken = True
+                continue
 
             assert self._subscription is not None
             try:
-                message = await self._subscription.next_msg(timeout=min(remaining, HEARTBEAT_S * MISSED_HEARTBEATS))
+                message = await self._subscription.next_msg(timeout=min(remaining, silence_left))
             except nats.errors.TimeoutError:
-                self._broken = time.monotonic() < deadline
                 continue
             except nats.errors.Error as exc:
                 log.warning("reading the reply failed: %s; reading it again", type(exc).__name__)
                 self._broken = True
                 continue
 
+            self._last_activity = time.monotonic()
             if message.headers and message.headers.get(Header.STATUS) == STATUS_CONTROL:
                 await self._handle_control(message)
             elif (chunk := self._accept(message)) is not None:
@@ -148,6 +156,7 @@ class ReplyFeed:
         inbox = self._nc.new_inbox()
         self._subscription = await self._nc.subscribe(inbox)
         self._expected_delivery = 1
+        self._last_activity = time.monotonic()
         config: dict[str, object] = {
             "name": permissions.reply_consumer_name(self._reply_subject),
             "filter_subject": self._reply_subject,
