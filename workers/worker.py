@@ -15,7 +15,7 @@ from nats.aio.client import Client as NATS
 from confide.broker_config.credentials import load_user_credentials, tls_context
 from confide.broker_config.permissions import WORKER_INBOX_PREFIX
 from confide.broker_config.topology import Topology, ensure_topology
-from confide.errors import PoolJoinError
+from confide.errors import ConfideError
 from confide.schemas import subjects
 from confide.workers.engine import Engine, EngineSettings
 from confide.workers.job import JobRunner, JobSettings
@@ -184,8 +184,8 @@ async def _write_stats(stats: WorkerStats, path: Path, interval_s: float) -> Non
 def main(settings: WorkerSettings) -> None:
     """Run a worker in the foreground until SIGINT or SIGTERM.
 
-    Raises PoolJoinError, outside any exception group, when the worker
-    cannot obtain the pool key.
+    Raises the ConfideError that stopped it (PoolJoinError, WorkerStartError)
+    outside any exception group, so the CLI prints it as one line.
     """
 
     async def supervise() -> None:
@@ -194,7 +194,7 @@ def main(settings: WorkerSettings) -> None:
                 tg.start_soon(_cancel_on_signal, tg.cancel_scope)
                 await run_worker(settings)
                 tg.cancel_scope.cancel()
-        except* PoolJoinError as group:
+        except* ConfideError as group:
             raise group.exceptions[0] from None
 
     anyio.run(supervise)
