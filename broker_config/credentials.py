@@ -1,4 +1,4 @@
-"""Who the broker trusts, in NATS operator mode, and the credential files each role connects with.
+"""Broker trust in NATS operator mode, and the credential files each role connects with.
 
 The Authority contains the signing keys: the operator's, the system account's
 (unused by anyone, so no connection can read server events), confide's
@@ -7,10 +7,11 @@ account, and the client scope's signing key. It issues:
 - the JWTs that the broker configuration preloads;
 - `.creds` files (a user JWT and its nkey seed, the standard NATS format) for
   workers, the operator, relays and the release log publisher;
-- the one client credential that all clients share. It holds the scoped
+- the one client credential that all clients share. It contains the scoped
   signing key, with which every client connection signs a JWT for a fresh
   user nkey, so no two connections share an inbox namespace and no
-  connection is tied to a person.
+  connection is tied to a person. Each relay's clients share a credential
+  of their own, with its own scope and inbox root.
 
 Every file with a seed is written readable by its owner only.
 """
@@ -20,8 +21,9 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,6 +34,8 @@ ACCOUNT_NAME = "CONFIDE"
 SYSTEM_ACCOUNT_NAME = "SYS"
 CLIENT_SCOPE_ROLE = "client"
 CLIENT_CREDENTIAL_KIND = "confide-client"
+# A relay name becomes part of subjects, so it is one plain token.
+RELAY_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 JWT_BEGIN = "-----BEGIN NATS USER JWT-----"
 JWT_END = "------END NATS USER JWT------"
@@ -64,6 +68,8 @@ class Authority:
     system_account: KeyPair
     account: KeyPair
     client_signer: KeyPair
+    # Relay name to the scope signing key of that relay's clients.
+    relay_signers: dict[str, KeyPair] = field(default_factory=dict)
 
     @classmethod
     def generate(cls) -> Authority:
@@ -83,6 +89,7 @@ class Authority:
                 KeyPair.from_seed(seeds["system_account"], Role.ACCOUNT),
                 KeyPair.from_seed(seeds["account"], Role.ACCOUNT),
                 KeyPair.from_seed(seeds["client_signer"], Role.ACCOUNT),
+                {name: KeyPair.from_seed(seed, Role.ACCOUNT) for name, seed in seeds.get("relay_signers", {}).items()},
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CredentialsError(f"cannot read the broker authority {path}: {type(exc).__name__}") from None
@@ -93,8 +100,16 @@ class Authority:
             "system_account": self.system_account.seed,
             "account": self.account.seed,
             "client_signer": self.client_signer.seed,
+            "relay_signers": {name: signer.seed for name, signer in self.relay_signers.items()},
         }
         write_secret(path, json.dumps(seeds, indent=2) + "\n")
+
+    def add_relay(self, name: str) -> None:
+        """Add a scope for a relay's clients, unless the relay has one; the account JWT changes with it."""
+        if not RELAY_NAME.fullmatch(name):
+            raise CredentialsError(f"invalid relay name {name!r}: use 1 to 32 letters, digits, '-' or '_'")
+        if name not in self.relay_signers:
+            self.relay_signers[name] = KeyPair.generate(Role.ACCOUNT)
 
     def operator_jwt(self) -> str:
         return jwt.encode(jwt.operator_claims(self.operator, "confide", self.system_account.public_key), self.operator)
@@ -104,12 +119,15 @@ class Authority:
 
     def account_jwt(self, relay: bool = False) -> str:
         """Return confide's account JWT; a relay's copy has no JetStream and no mappings (see relay_preload)."""
-        scope = jwt.user_scope(self.client_signer.public_key, CLIENT_SCOPE_ROLE, permissions.client_template())
+        scopes = [jwt.user_scope(self.client_signer.public_key, CLIENT_SCOPE_ROLE, permissions.client_template())]
+        for name, signer in sorted(self.relay_signers.items()):
+            template = permissions.client_template(permissions.relay_inbox_root(name))
+            scopes.append(jwt.user_scope(signer.public_key, f"{CLIENT_SCOPE_ROLE}-{name}", template))
         claims = jwt.account_claims(
             self.account.public_key,
             ACCOUNT_NAME,
             jetstream=not relay,
-            signing_keys=[scope],
+            signing_keys=scopes,
             mappings=None if relay else permissions.account_mappings(),
         )
         return jwt.encode(claims, self.operator)
@@ -138,10 +156,20 @@ class Authority:
         token = jwt.encode(jwt.user_claims(user.public_key, name, None, user_permissions), self.account)
         return format_creds(token, user.seed)
 
-    def client_credential(self) -> str:
-        """Return the shared client credential file: the account and the client scope's signing key."""
-        body = {"kind": CLIENT_CREDENTIAL_KIND, "account": self.account.public_key, "signing_key": self.client_signer.seed}
+    def client_credential(self, relay_name: str | None = None) -> str:
+        """Return a shared client credential file: the account, a client scope's signing key and its inbox root.
+
+        With `relay_name`, the credential is for the clients of that relay.
+        """
+        signer, inbox_root = self.client_signer, permissions.CLIENT_INBOX_ROOT
+        if relay_name is not None:
+            signer, inbox_root = self.relay_signers[relay_name], permissions.relay_inbox_root(relay_name)
+        body = {"kind": CLIENT_CREDENTIAL_KIND, "account": self.account.public_key, "signing_key": signer.seed, "inbox_root": inbox_root}
         return json.dumps(body, indent=2) + "\n"
+
+    def relay_creds(self, relay_name: str) -> str:
+        """Return the .creds file of a relay's leaf node connection."""
+        return self.user_creds(f"confide-relay-{relay_name}", permissions.relay(relay_name))
 
 
 @dataclass(frozen=True)
@@ -166,9 +194,13 @@ class LocalCredentials:
     def operator(self) -> Path:
         return self.directory / "operator.creds"
 
-    @property
-    def relay(self) -> Path:
-        return self.directory / "relay.creds"
+    def relay(self, name: str) -> Path:
+        """Return the path of relay `name`'s .creds file, for its leaf node connection."""
+        return self.directory / f"relay-{name}.creds"
+
+    def relay_client(self, name: str) -> Path:
+        """Return the path of the client credential that relay `name`'s clients share."""
+        return self.directory / f"relay-{name}-client.creds"
 
     @property
     def release(self) -> Path:
@@ -194,12 +226,25 @@ class LocalCredentials:
         self._issue(authority, replace=False)
         return authority
 
+    def add_relay(self, name: str) -> Authority:
+        """Give relay `name` its scope and credential files, keeping them if it has them.
+
+        The account JWT changes, so the broker needs its configuration
+        rendered again and a restart before the relay's clients can connect.
+        """
+        authority = self.load_or_create()
+        authority.add_relay(name)
+        authority.save(self.authority)
+        if not self.relay(name).is_file():
+            write_secret(self.relay(name), authority.relay_creds(name))
+        write_secret(self.relay_client(name), authority.client_credential(name))
+        return authority
+
     def _issue(self, authority: Authority, replace: bool) -> None:
         files = {
             self.client: authority.client_credential,
             self.worker: lambda: authority.user_creds("confide-worker", permissions.worker()),
             self.operator: lambda: authority.user_creds("confide-operator", permissions.operator()),
-            self.relay: lambda: authority.user_creds("confide-relay", permissions.relay()),
             self.release: lambda: authority.user_creds("confide-release", permissions.release()),
         }
         for path, issue in files.items():
@@ -241,10 +286,11 @@ class UserCredentials:
 
 @dataclass(frozen=True, repr=False)
 class ClientCredential:
-    """The shared client credential: it signs a JWT for a fresh user nkey on every connection."""
+    """A shared client credential: it signs a JWT for a fresh user nkey on every connection."""
 
     account: str
     signer: KeyPair
+    inbox_root: str = permissions.CLIENT_INBOX_ROOT
 
     def connect_options(self) -> dict[str, Any]:
         """Return nats.connect arguments for a new connection with its own user nkey and inbox prefix.
@@ -257,7 +303,7 @@ class ClientCredential:
         return {
             "user_jwt_cb": lambda: token,
             "signature_cb": _signature_callback(user),
-            "inbox_prefix": f"{permissions.CLIENT_INBOX_ROOT}.{user.public_key}",
+            "inbox_prefix": f"{self.inbox_root}.{user.public_key}",
         }
 
     def __repr__(self) -> str:
@@ -287,7 +333,10 @@ def _parse_client_credential(text: str) -> ClientCredential:
     if body["kind"] != CLIENT_CREDENTIAL_KIND:
         raise ValueError("not a client credential")
     decode_public(Role.ACCOUNT, body["account"])
-    return ClientCredential(body["account"], KeyPair.from_seed(body["signing_key"], Role.ACCOUNT))
+    inbox_root = body.get("inbox_root", permissions.CLIENT_INBOX_ROOT)
+    if inbox_root != permissions.CLIENT_INBOX_ROOT and not inbox_root.startswith(f"{permissions.RELAY_INBOX_ROOT}_"):
+        raise ValueError("unknown inbox root")
+    return ClientCredential(body["account"], KeyPair.from_seed(body["signing_key"], Role.ACCOUNT), inbox_root)
 
 
 def _parse_creds(text: str) -> UserCredentials:

@@ -1,4 +1,4 @@
-"""Who may publish and subscribe to what: the permissions of each broker role.
+"""Publish and subscribe permissions of each broker role, and the account's subject mappings.
 
 broker_config/README.md explains the design and the nats-server behaviour it
 rests on, measured on nats-server 2.15. In short:
@@ -35,6 +35,9 @@ READ_RELEASE_LOG = [f"$JS.API.STREAM.INFO.{LOG_STREAM}", f"$JS.API.STREAM.MSG.GE
 # nats-server template that expands to that nkey.
 SUBJECT_TEMPLATE = "{{subject()}}"
 CLIENT_INBOX_ROOT = "_INBOX"
+# Clients of a relay get their own scope and inbox root, so that a relay's
+# leaf connection receives deliveries for its own clients only.
+RELAY_INBOX_ROOT = "_INBOX_RELAY"
 WORKER_INBOX_PREFIX = "_INBOX_WORKER"
 OPERATOR_INBOX_PREFIX = "_INBOX_OPERATOR"
 RELEASE_INBOX_PREFIX = "_INBOX_RELEASE"
@@ -100,8 +103,12 @@ def _client_api(prefix: str) -> list[str]:
     return [f"{prefix}.{call}" for call in CLIENT_API_CALLS]
 
 
-def client_template() -> dict[str, Any]:
-    """Permissions of the client scope, where {{subject()}} is each connection's own user nkey.
+def relay_inbox_root(relay_name: str) -> str:
+    return f"{RELAY_INBOX_ROOT}_{relay_name}"
+
+
+def client_template(inbox_root: str = CLIENT_INBOX_ROOT) -> dict[str, Any]:
+    """Permissions of a client scope, where {{subject()}} is each connection's own user nkey.
 
     The list has the $JS.API forms because nats-server checks a direct
     client's publish after the account mapping. A relay has no mapping, so
@@ -109,7 +116,7 @@ def client_template() -> dict[str, Any]:
     """
     return {
         "pub": {"allow": [subjects.JOBS_SUBJECT, *_client_api(CLIENT_API_PREFIX), *_client_api(JS_API_PREFIX)]},
-        "sub": {"allow": [f"{CLIENT_INBOX_ROOT}.{SUBJECT_TEMPLATE}.>"]},
+        "sub": {"allow": [f"{inbox_root}.{SUBJECT_TEMPLATE}.>"]},
         "resp": RESPOND_ONCE,
     }
 
@@ -170,14 +177,17 @@ def release() -> dict[str, Any]:
     }
 
 
-def relay() -> dict[str, Any]:
+def relay(relay_name: str) -> dict[str, Any]:
     """Permissions of a relay's leaf node connection: what its clients may do, for all of them together.
 
     The relay enforces each client's own template. The broker enforces this
     union on the leaf connection before its account mappings, so a relay
-    has no right to the $JS.API subjects themselves.
+    has no right to the $JS.API subjects themselves, and receives only
+    deliveries under its own clients' inbox root.
     """
     return {
         "pub": {"allow": [subjects.JOBS_SUBJECT, *_client_api(CLIENT_API_PREFIX), f"{FLOW_CONTROL_PREFIX}.>"]},
-        "sub": {"allow": [f"{CLIENT_INBOX_ROOT}.>"]},
+        "sub": {"allow": [f"{relay_inbox_root(relay_name)}.>"]},
+        # The credential serves only as a leaf node connection, not as a client.
+        "allowed_connection_types": ["LEAFNODE"],
     }
