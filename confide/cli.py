@@ -6,14 +6,20 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import click
 
 from confide import logs
+from confide.broker_config.permissions import OPERATOR_INBOX_PREFIX
 from confide.errors import ConfideError, EmptyPromptError
 from confide.stack import DEFAULT_PORT, HOST, StackState, default_state_dir
+
+if TYPE_CHECKING:
+    from confide.broker_config.credentials import ClientCredential
 
 log = logging.getLogger("confide.cli")
 
@@ -90,18 +96,22 @@ def up(state_dir: Path, workers: int, port: int, model: Path | None, n_ctx: int 
     measurement = measure(model_path, settings.measured())
     save_trust(state.trust, stack.local_trust_policy(platform_key.verify_key, measurement))
 
-    broker, url = stack.start_broker(state, HOST, port)
+    # The broker requires credentials: one file per role in the state
+    # directory, which the workers and this machine's client commands use.
+    credentials = state.credentials
+    authority = credentials.load_or_create()
+    broker, url = stack.start_broker(state, HOST, port, authority=authority)
     record = {"broker_url": url, "broker_pid": broker.pid, "worker_pids": [], "started_at": int(time.time())}
     state.save(record)
     try:
         stack.wait_for_port(HOST, port, 15, broker)
         for index in range(workers):
             state.worker_stats(index).unlink(missing_ok=True)
-            record["worker_pids"].append(stack.start_worker(state, index, url, model, n_ctx).pid)
+            record["worker_pids"].append(stack.start_worker(state, index, url, model, n_ctx, credentials=credentials.worker).pid)
         state.save(record)
         click.echo(f"Broker listening on {url}; starting {workers} worker(s)...", err=True)
         _wait_for_workers(state, record, timeout_s=180)
-        pool = anyio.run(_check_pool, url, state.trust)
+        pool = anyio.run(_check_pool, _client_access(state_dir, url, None, None), state.trust)
     except (RuntimeError, TimeoutError, ConfideError) as exc:
         click.echo(f"confide: the stack failed to start: {exc}", err=True)
         _stop_all(record)
@@ -136,11 +146,11 @@ def _exited(pid: int) -> bool:
     return finished == pid
 
 
-async def _check_pool(url: str, trust: Path):
+async def _check_pool(access: BrokerAccess, trust: Path):
     from confide.clients.client import Client
     from confide.clients.trust import load_trust
 
-    async with await Client.connect(url, load_trust(trust)) as client:
+    async with await Client.connect(access.url, load_trust(trust), **access.client_options()) as client:
         return await client.attest()
 
 
@@ -189,8 +199,10 @@ def status(state_dir: Path) -> None:
         click.echo(f"worker {index}: {'running' if alive else 'not running'} {counters}")
     if not broker_alive:
         sys.exit(1)
+    access = _client_access(state_dir, record["broker_url"], None, None)
+    operator = _role_credentials(None, state.credentials.operator)
     try:
-        pool, streams = anyio.run(_pool_and_streams, record["broker_url"], state.trust)
+        pool, streams = anyio.run(_pool_and_streams, access, operator, state.trust)
     except ConfideError as exc:
         click.echo(f"pool:    NOT attested: {exc}")
         sys.exit(1)
@@ -199,19 +211,170 @@ def status(state_dir: Path) -> None:
     click.echo(f"pool:    attested, platform {pool.platform}{' (SIMULATED TEE)' if pool.simulated else ''}, measurement {pool.measurement.hex()[:16]}")
 
 
-async def _pool_and_streams(url: str, trust: Path):
+async def _pool_and_streams(access: BrokerAccess, operator, trust: Path):
+    """Attest the pool as a client; read stream sizes as the operator, the role allowed to."""
     from confide.clients.client import Client
     from confide.clients.trust import load_trust
     from confide.schemas import subjects
 
-    async with await Client.connect(url, load_trust(trust)) as client:
+    async with await Client.connect(access.url, load_trust(trust), **access.client_options()) as client:
         pool = await client.attest()
-        js = client._nc.jetstream()
-        streams = []
-        for name in (subjects.JOBS_STREAM, subjects.REPLIES_STREAM):
-            info = await js.stream_info(name)
-            streams.append((name, info.state.messages, info.state.bytes))
+        nc = client._nc if operator is None else await _connect_role(access, operator, OPERATOR_INBOX_PREFIX)
+        try:
+            js = nc.jetstream()
+            streams = []
+            for name in (subjects.JOBS_STREAM, subjects.REPLIES_STREAM):
+                info = await js.stream_info(name)
+                streams.append((name, info.state.messages, info.state.bytes))
+        finally:
+            if nc is not client._nc:
+                await nc.close()
         return pool, streams
+
+
+async def _connect_role(access: BrokerAccess, credentials, inbox_prefix: str):
+    """Connect with a role's .creds file; raise BrokerError if the broker is unreachable or refuses it."""
+    import nats
+    import nats.errors
+
+    from confide.errors import BrokerError
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("broker connection error: %s", exc)
+
+    options = _role_options(credentials, inbox_prefix, access.tls_ca)
+    try:
+        return await nats.connect(access.url, allow_reconnect=False, connect_timeout=5, error_cb=on_error, **options)
+    except nats.errors.AuthorizationError:
+        raise BrokerError(f"the broker at {access.url} rejected the credential; pass the role's .creds file with --creds") from None
+    except (OSError, nats.errors.Error) as exc:
+        raise BrokerError(f"cannot connect to the broker at {access.url}: {type(exc).__name__}") from None
+
+
+@main.command()
+@state_dir_option
+@broker_option
+@creds_option
+@tls_ca_option
+def audit(state_dir: Path, broker: str | None, creds: Path | None, tls_ca: Path | None) -> None:
+    """Show what the broker stores, as its operator sees it.
+
+    Per stream: message count, bytes, subjects, consumers, header names and
+    payload sizes. Needs the operator's .creds file [default:
+    STATE_DIR/operator.creds].
+    """
+    from confide.audit import format_audit
+
+    url, _ = _resolve(state_dir, broker, None)
+    credentials = _role_credentials(creds, StackState(state_dir).credentials.operator)
+    try:
+        audits = anyio.run(_audit, BrokerAccess(url, None, tls_ca), credentials)
+    except ConfideError as exc:
+        _fail(str(exc))
+    click.echo(format_audit(audits))
+
+
+async def _audit(access: BrokerAccess, credentials):
+    import nats.errors
+
+    from confide.audit import audit_broker
+    from confide.errors import BrokerError
+
+    nc = await _connect_role(access, credentials, OPERATOR_INBOX_PREFIX)
+    try:
+        return await audit_broker(nc)
+    except nats.errors.Error as exc:
+        raise BrokerError(f"reading the broker's streams failed: {type(exc).__name__}; is the credential the operator's?") from None
+    finally:
+        await nc.close()
+
+
+@main.command("broker-config")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address the broker listens on for clients and workers.")
+@click.option("--port", type=click.IntRange(1, 65535), default=4222, show_default=True, help="Client port.")
+@click.option("--leafnode-port", type=click.IntRange(1, 65535), default=None, help="Port for relays (leaf node connections); none by default.")
+@click.option("--store-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="JetStream storage [default: DIRECTORY/jetstream].")
+@click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True, path_type=Path), required=True, help="Server certificate (PEM).")
+@click.option("--tls-key", type=click.Path(dir_okay=False, exists=True, path_type=Path), required=True, help="Server private key (PEM).")
+def broker_config(directory: Path, host: str, port: int, leafnode_port: int | None, store_dir: Path | None, tls_cert: Path, tls_key: Path) -> None:
+    """Write a production broker's configuration and credentials into DIRECTORY.
+
+    The broker requires TLS and per-role credentials. Running this again
+    keeps the existing keys, so the account and its streams stay the same.
+    """
+    from confide.broker_config import ServerTls, render_server_config
+    from confide.broker_config.credentials import LocalCredentials
+
+    directory.mkdir(parents=True, exist_ok=True)
+    credentials = LocalCredentials(directory)
+    authority = credentials.load_or_create()
+    config = directory / "nats-server.conf"
+    tls = ServerTls(tls_cert.resolve(), tls_key.resolve())
+    store = (store_dir or directory / "jetstream").resolve()
+    config.write_text(render_server_config(host, port, store, authority=authority, tls=tls, leafnode_port=leafnode_port), encoding="utf-8")
+    click.echo(f"wrote {config}")
+    click.echo(f"run:   nats-server -c {config} 2>&1 | python -m confide.broker_config.logfilter broker.log")
+    click.echo(f"give:  {credentials.client} to clients, {credentials.worker} to workers; keep {credentials.authority} offline")
+
+
+@main.command("relay-config")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--name", required=True, help="The relay's name: 1 to 32 letters, digits, '-' or '_'; it names its clients' inbox root.")
+@click.option("--authority", "authority_dir", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True, help="The broker's credential directory (from 'confide broker-config' or 'confide up').")
+@click.option("--broker-leaf", metavar="nats-leaf://HOST:PORT", required=True, help="The broker's leaf node URL.")
+@click.option("--broker-ca", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None, help="CA that signed the broker's certificate, for a broker with TLS.")
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address the relay listens on for clients.")
+@click.option("--port", type=click.IntRange(1, 65535), default=4222, show_default=True, help="Client port of the relay.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None, help="The relay's server certificate (PEM), for TLS with clients.")
+@click.option("--tls-key", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None, help="The relay's server private key (PEM).")
+def relay_config(
+    directory: Path, name: str, authority_dir: Path, broker_leaf: str, broker_ca: Path | None, host: str, port: int, tls_cert: Path | None, tls_key: Path | None
+) -> None:
+    """Write what a relay operator runs, a leaf node in front of the broker, and its clients' credential.
+
+    DIRECTORY receives relay.conf, the relay's relay.creds and client.creds
+    for the relay's clients; none holds a key of the broker's authority.
+    The relay's clients get a scope of their own, which changes the account
+    JWT: render the broker's configuration again and restart it.
+    """
+    import shutil
+
+    from confide.broker_config import ServerTls, render_relay_config
+    from confide.broker_config.credentials import CredentialsError, LocalCredentials
+
+    if (tls_cert is None) != (tls_key is None):
+        _fail("pass both --tls-cert and --tls-key, or neither")
+    source = LocalCredentials(authority_dir)
+    try:
+        authority = source.add_relay(name)
+    except CredentialsError as exc:
+        _fail(str(exc))
+    directory.mkdir(parents=True, exist_ok=True)
+    creds = directory / "relay.creds"
+    shutil.copyfile(source.relay(name), creds)
+    shutil.copyfile(source.relay_client(name), directory / "client.creds")
+    for path in (creds, directory / "client.creds"):
+        path.chmod(0o600)
+    tls = ServerTls(tls_cert.resolve(), tls_key.resolve()) if tls_cert and tls_key else None
+    config = directory / "relay.conf"
+    config.write_text(
+        render_relay_config(
+            host,
+            port,
+            broker_leaf,
+            creds.resolve(),
+            authority.relay_preload(),
+            authority.operator_jwt(),
+            authority.system_account.public_key,
+            authority.account.public_key,
+            tls=tls,
+            broker_ca=broker_ca.resolve() if broker_ca else None,
+        ),
+        encoding="utf-8",
+    )
+    click.echo(f"wrote {config}, {creds} and {directory / 'client.creds'}")
+    click.echo(f"then:  render the broker's configuration again ('confide broker-config {authority_dir} ...') and restart it")
 
 
 # -- client commands -----------------------------------------------------------------
@@ -220,12 +383,62 @@ async def _pool_and_streams(url: str, trust: Path):
 def _client_options(function):
     function = state_dir_option(function)
     function = broker_option(function)
+    function = creds_option(function)
+    function = tls_ca_option(function)
     function = click.option("--trust", type=click.Path(dir_okay=False, path_type=Path), help="Trust policy JSON [default: STATE_DIR/trust.json].")(function)
     function = click.option("--max-tokens", type=click.IntRange(1, 32768), default=512, show_default=True, help="Maximum number of tokens to generate.")(function)
     function = click.option("--temperature", type=click.FloatRange(0.0, 2.0), default=0.7, show_default=True, help="Sampling temperature; 0 is greedy.")(function)
     function = click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=None, help="Sampling seed, for repeatable replies.")(function)
     function = click.option("--timeout", type=click.FloatRange(1, 86400), default=300, show_default=True, help="Seconds to wait between reply chunks.")(function)
     return function
+
+
+@dataclass(frozen=True)
+class BrokerAccess:
+    """Connection settings of a client command: the broker URL, the client credential and the CA of the broker's certificate."""
+
+    url: str
+    credentials: ClientCredential | None = None
+    tls_ca: Path | None = None
+
+    def client_options(self) -> dict:
+        return {"credentials": self.credentials, "tls_ca": self.tls_ca}
+
+
+def _client_access(state_dir: Path, url: str, creds: Path | None, tls_ca: Path | None) -> BrokerAccess:
+    """Load the client credential: --creds, else STATE_DIR/client.creds if `confide up` wrote one."""
+    from confide.broker_config.credentials import CredentialsError, load_client_credential
+
+    path = creds or StackState(state_dir).credentials.client
+    if creds is None and not path.is_file():
+        return BrokerAccess(url, None, tls_ca)
+    try:
+        return BrokerAccess(url, load_client_credential(path), tls_ca)
+    except CredentialsError as exc:
+        _fail(str(exc))
+
+
+def _role_credentials(creds: Path | None, default: Path):
+    """Load a role's .creds file: `creds`, else `default` if it exists, else None for a broker without authentication."""
+    from confide.broker_config.credentials import CredentialsError, load_user_credentials
+
+    path = creds or default
+    if creds is None and not path.is_file():
+        return None
+    try:
+        return load_user_credentials(path)
+    except CredentialsError as exc:
+        _fail(str(exc))
+
+
+def _role_options(credentials, inbox_prefix: str, tls_ca: Path | None) -> dict:
+    """Return nats.connect arguments for a role's credentials (None: no authentication) and the broker's CA."""
+    from confide.broker_config.credentials import tls_context
+
+    options = credentials.connect_options(inbox_prefix) if credentials is not None else {}
+    if tls_ca is not None:
+        options["tls"] = tls_context(tls_ca)
+    return options
 
 
 def _existing(path: Path) -> Path | None:
@@ -242,27 +455,28 @@ def _resolve(state_dir: Path, broker: str | None, trust: Path | None) -> tuple[s
 @main.command()
 @click.argument("prompt")
 @_client_options
-def ask(prompt: str, state_dir: Path, broker: str | None, trust: Path | None, max_tokens: int, temperature: float, seed: int | None, timeout: float) -> None:
+def ask(prompt: str, state_dir: Path, broker: str | None, creds: Path | None, tls_ca: Path | None, trust: Path | None, max_tokens: int, temperature: float, seed: int | None, timeout: float) -> None:
     """Ask one PROMPT and stream the reply ('-' reads the prompt from stdin)."""
     from confide.schemas.messages import ChatMessage, GenerationParams
 
     if prompt == "-":
         prompt = sys.stdin.read()
     url, trust_path = _resolve(state_dir, broker, trust)
+    access = _client_access(state_dir, url, creds, tls_ca)
     params = GenerationParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
     try:
-        anyio.run(_ask, url, trust_path, [ChatMessage("user", prompt)], params, timeout)
+        anyio.run(_ask, access, trust_path, [ChatMessage("user", prompt)], params, timeout)
     except ConfideError as exc:
         _fail(str(exc), 2 if isinstance(exc, EmptyPromptError) else 1)
 
 
-async def _ask(url: str, trust_path: Path, messages, params, timeout: float) -> str:
+async def _ask(access: BrokerAccess, trust_path: Path, messages, params, timeout: float) -> str:
     from confide.clients.client import Client
     from confide.clients.trust import load_trust
 
     if not messages[-1].content.strip():
         raise EmptyPromptError()
-    async with await Client.connect(url, load_trust(trust_path), reply_timeout_s=timeout) as client:
+    async with await Client.connect(access.url, load_trust(trust_path), reply_timeout_s=timeout, **access.client_options()) as client:
         pool = await client.attest()
         if pool.simulated:
             click.echo("[pool attested on a SIMULATED TEE: fine for development, no hardware protection]", err=True)
@@ -285,25 +499,26 @@ async def _stream_reply(client, messages, params) -> str:
 
 @main.command()
 @_client_options
-def chat(state_dir: Path, broker: str | None, trust: Path | None, max_tokens: int, temperature: float, seed: int | None, timeout: float) -> None:
+def chat(state_dir: Path, broker: str | None, creds: Path | None, tls_ca: Path | None, trust: Path | None, max_tokens: int, temperature: float, seed: int | None, timeout: float) -> None:
     """Chat over several turns; the history stays on this device and is sealed with each turn."""
     from confide.schemas.messages import GenerationParams
 
     url, trust_path = _resolve(state_dir, broker, trust)
+    access = _client_access(state_dir, url, creds, tls_ca)
     params = GenerationParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
     try:
-        anyio.run(_chat, url, trust_path, params, timeout)
+        anyio.run(_chat, access, trust_path, params, timeout)
     except ConfideError as exc:
         _fail(str(exc))
 
 
-async def _chat(url: str, trust_path: Path, params, timeout: float) -> None:
+async def _chat(access: BrokerAccess, trust_path: Path, params, timeout: float) -> None:
     from confide.clients.client import Client
     from confide.clients.trust import load_trust
     from confide.schemas.messages import ChatMessage
 
     history: list[ChatMessage] = []
-    async with await Client.connect(url, load_trust(trust_path), reply_timeout_s=timeout) as client:
+    async with await Client.connect(access.url, load_trust(trust_path), reply_timeout_s=timeout, **access.client_options()) as client:
         pool = await client.attest()
         click.echo(
             f"Pool attested{' on a SIMULATED TEE' if pool.simulated else ''}. Type a message; an empty line or Ctrl-D ends the chat.",
@@ -418,7 +633,7 @@ class _BatchDisplay:
 @click.option("--detach", is_flag=True, help="Submit every job and exit; collect later with 'confide fetch'.")
 @_outbox_options
 @_client_options
-def batch(input_file: Path, output: Path, detach: bool, outbox: Path | None, key_source: str, state_dir: Path, broker: str | None, trust: Path | None, max_tokens: int, temperature: float, seed: int | None, timeout: float) -> None:
+def batch(input_file: Path, output: Path, detach: bool, outbox: Path | None, key_source: str, state_dir: Path, broker: str | None, creds: Path | None, tls_ca: Path | None, trust: Path | None, max_tokens: int, temperature: float, seed: int | None, timeout: float) -> None:
     """Submit each line of INPUT_FILE (JSONL with "prompt" and optional "id") as its own sealed job.
 
     Run it again after an interruption: it continues where it stopped and
@@ -437,20 +652,20 @@ def batch(input_file: Path, output: Path, detach: bool, outbox: Path | None, key
     try:
         added = store.add_batch(batch_id, str(output.resolve()), rows)
         click.echo(f"batch {batch_id}: {len(rows)} prompts ({added} new, {len(rows) - added} already in the outbox)", err=True)
-        anyio.run(_run_batch, url, trust_path, timeout, store, batch_id, output, settings, detach)
+        anyio.run(_run_batch, _client_access(state_dir, url, creds, tls_ca), trust_path, timeout, store, batch_id, output, settings, detach)
     except ConfideError as exc:
         _fail(str(exc))
     finally:
         store.close()
 
 
-async def _run_batch(url, trust_path, timeout, store, batch_id, output, settings, detach) -> None:
+async def _run_batch(access: BrokerAccess, trust_path, timeout, store, batch_id, output, settings, detach) -> None:
     from confide.clients.batch import BatchRunner, write_results
     from confide.clients.client import Client
     from confide.clients.outbox import JobState
     from confide.clients.trust import load_trust
 
-    async with await Client.connect(url, load_trust(trust_path), reply_timeout_s=timeout) as client:
+    async with await Client.connect(access.url, load_trust(trust_path), reply_timeout_s=timeout, **access.client_options()) as client:
         total = sum(store.counts(batch_id).values())
         with _BatchDisplay(total) as display:
             runner = BatchRunner(client, store, settings, display.update)
@@ -471,27 +686,27 @@ async def _run_batch(url, trust_path, timeout, store, batch_id, output, settings
 @click.option("--wait", is_flag=True, help="Wait for every accepted job's reply instead of collecting only what has arrived.")
 @_outbox_options
 @_client_options
-def fetch(wait: bool, outbox: Path | None, key_source: str, state_dir: Path, broker: str | None, trust: Path | None, max_tokens: int, temperature: float, seed: int | None, timeout: float) -> None:
+def fetch(wait: bool, outbox: Path | None, key_source: str, state_dir: Path, broker: str | None, creds: Path | None, tls_ca: Path | None, trust: Path | None, max_tokens: int, temperature: float, seed: int | None, timeout: float) -> None:
     """Collect replies of detached batches and write the results of finished ones."""
     from confide.clients.batch import BatchSettings
 
     url, trust_path = _resolve(state_dir, broker, trust)
     store = _open_outbox(state_dir, outbox, key_source)
     try:
-        anyio.run(_fetch, url, trust_path, timeout, store, BatchSettings(), wait)
+        anyio.run(_fetch, _client_access(state_dir, url, creds, tls_ca), trust_path, timeout, store, BatchSettings(), wait)
     except ConfideError as exc:
         _fail(str(exc))
     finally:
         store.close()
 
 
-async def _fetch(url, trust_path, timeout, store, settings, wait) -> None:
+async def _fetch(access: BrokerAccess, trust_path, timeout, store, settings, wait) -> None:
     from confide.clients.batch import BatchRunner, write_results
     from confide.clients.client import Client
     from confide.clients.outbox import JobState
     from confide.clients.trust import load_trust
 
-    async with await Client.connect(url, load_trust(trust_path), reply_timeout_s=timeout) as client:
+    async with await Client.connect(access.url, load_trust(trust_path), reply_timeout_s=timeout, **access.client_options()) as client:
         runner = BatchRunner(client, store, settings)
         await runner.collect(None, wait=wait)
     for batch_id, output_path, total in store.batches():

@@ -17,6 +17,8 @@ import nats
 import pytest
 
 from conftest import start_broker, start_worker, stop
+from confide.broker_config.credentials import load_user_credentials
+from confide.broker_config.permissions import OPERATOR_INBOX_PREFIX
 from confide.clients.client import Client
 from confide.schemas import subjects
 from confide.schemas.attestation import verify_document
@@ -51,8 +53,12 @@ async def pool_entry(url: str) -> tuple[int, bytes]:
         await nc.close()
 
 
-async def jobs_last_sequence(url: str) -> int:
-    nc = await nats.connect(url)
+async def jobs_last_sequence(url: str, operator_creds: Path | None = None) -> int:
+    """Return the jobs stream's last sequence; `operator_creds` for a broker that requires credentials."""
+    options = {}
+    if operator_creds is not None:
+        options = load_user_credentials(operator_creds).connect_options(OPERATOR_INBOX_PREFIX)
+    nc = await nats.connect(url, **options)
     try:
         return (await nc.jetstream().stream_info(subjects.JOBS_STREAM)).state.last_seq
     finally:
@@ -100,6 +106,10 @@ async def test_second_worker_joins_and_shares_jobs(pool, tmp_path, running):
         reply = await client.ask_text([ChatMessage("user", prompts[0])], QUICK)
 
     assert reply == replies[0]
+    # The worker logs the job after its ack, which can come after the client read the final chunk.
+    with anyio.fail_after(30):
+        while second.output().count(b"job completed") < completed_before + 1:
+            await anyio.sleep(0.1)
     assert second.output().count(b"job completed") == completed_before + 1
 
 
@@ -161,12 +171,13 @@ def test_cli_up_status_ask_down(tmp_path, prompts):
         assert piped.returncode == 0, piped.stderr
         assert piped.stdout.strip()
 
-        sequence_before = anyio.run(jobs_last_sequence, record["broker_url"])
+        operator_creds = tmp_path / "stack" / "operator.creds"
+        sequence_before = anyio.run(jobs_last_sequence, record["broker_url"], operator_creds)
         empty = confide("ask", *common, "")
         assert empty.returncode == 2
         assert "the prompt is empty" in empty.stderr
         assert empty.stdout == ""
-        assert anyio.run(jobs_last_sequence, record["broker_url"]) == sequence_before == 2
+        assert anyio.run(jobs_last_sequence, record["broker_url"], operator_creds) == sequence_before == 2
     finally:
         stopped = confide("down", *common)
 
