@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -14,7 +15,7 @@ import anyio
 import click
 
 from confide import logs
-from confide.broker_config.permissions import OPERATOR_INBOX_PREFIX
+from confide.broker_config.permissions import OPERATOR_INBOX_PREFIX, RELEASE_INBOX_PREFIX
 from confide.errors import ConfideError, EmptyPromptError
 from confide.stack import DEFAULT_PORT, HOST, StackState, default_state_dir
 
@@ -77,6 +78,7 @@ def up(state_dir: Path, workers: int, port: int, model: Path | None, n_ctx: int 
     from confide.clients.trust import save_trust
     from confide.workers.engine import DEFAULT_N_CTX, EngineSettings, default_model_path
     from confide.workers.measurement import measure
+    from confide.release import append_release, load_or_create_log_key, publish_release_log
     from confide.workers.tee import create_platform_key
 
     state = StackState(state_dir)
@@ -94,7 +96,11 @@ def up(state_dir: Path, workers: int, port: int, model: Path | None, n_ctx: int 
     platform_key = create_platform_key(state.platform_key)
     click.echo("Measuring the worker code and model...", err=True)
     measurement = measure(model_path, settings.measured())
-    save_trust(state.trust, stack.local_trust_policy(platform_key.verify_key, measurement))
+    # The local stack is its own release log operator: it logs this build's
+    # measurement and pins the log key, so clients check the whole chain.
+    log_key = load_or_create_log_key(state.log_key)
+    append_release(state.release_log, measurement)
+    save_trust(state.trust, stack.local_trust_policy(platform_key.verify_key, measurement, log_key.verify_key))
 
     # The broker requires credentials: one file per role in the state
     # directory, which the workers and this machine's client commands use.
@@ -105,6 +111,8 @@ def up(state_dir: Path, workers: int, port: int, model: Path | None, n_ctx: int 
     state.save(record)
     try:
         stack.wait_for_port(HOST, port, 15, broker)
+        release_options = _role_options(_role_credentials(None, credentials.release), RELEASE_INBOX_PREFIX, None)
+        anyio.run(functools.partial(publish_release_log, url, state.release_log, log_key, connect_options=release_options))
         for index in range(workers):
             state.worker_stats(index).unlink(missing_ok=True)
             record["worker_pids"].append(stack.start_worker(state, index, url, model, n_ctx, credentials=credentials.worker).pid)
@@ -150,7 +158,7 @@ async def _check_pool(access: BrokerAccess, trust: Path):
     from confide.clients.client import Client
     from confide.clients.trust import load_trust
 
-    async with await Client.connect(access.url, load_trust(trust), **access.client_options()) as client:
+    async with await Client.connect(access.url, load_trust(trust), log_monitor=_log_monitor(trust), **access.client_options()) as client:
         return await client.attest()
 
 
@@ -393,6 +401,13 @@ def _client_options(function):
     return function
 
 
+def _log_monitor(trust_path: Path):
+    """Keep the last verified release log head next to the trust policy it was verified under."""
+    from confide.clients.log_monitor import LogMonitor
+
+    return LogMonitor(trust_path.with_name("log-head.json"))
+
+
 @dataclass(frozen=True)
 class BrokerAccess:
     """Connection settings of a client command: the broker URL, the client credential and the CA of the broker's certificate."""
@@ -476,7 +491,7 @@ async def _ask(access: BrokerAccess, trust_path: Path, messages, params, timeout
 
     if not messages[-1].content.strip():
         raise EmptyPromptError()
-    async with await Client.connect(access.url, load_trust(trust_path), reply_timeout_s=timeout, **access.client_options()) as client:
+    async with await Client.connect(access.url, load_trust(trust_path), reply_timeout_s=timeout, log_monitor=_log_monitor(trust_path), **access.client_options()) as client:
         pool = await client.attest()
         if pool.simulated:
             click.echo("[pool attested on a SIMULATED TEE: fine for development, no hardware protection]", err=True)
@@ -518,7 +533,7 @@ async def _chat(access: BrokerAccess, trust_path: Path, params, timeout: float) 
     from confide.schemas.messages import ChatMessage
 
     history: list[ChatMessage] = []
-    async with await Client.connect(access.url, load_trust(trust_path), reply_timeout_s=timeout, **access.client_options()) as client:
+    async with await Client.connect(access.url, load_trust(trust_path), reply_timeout_s=timeout, log_monitor=_log_monitor(trust_path), **access.client_options()) as client:
         pool = await client.attest()
         click.echo(
             f"Pool attested{' on a SIMULATED TEE' if pool.simulated else ''}. Type a message; an empty line or Ctrl-D ends the chat.",
@@ -665,7 +680,7 @@ async def _run_batch(access: BrokerAccess, trust_path, timeout, store, batch_id,
     from confide.clients.outbox import JobState
     from confide.clients.trust import load_trust
 
-    async with await Client.connect(access.url, load_trust(trust_path), reply_timeout_s=timeout, **access.client_options()) as client:
+    async with await Client.connect(access.url, load_trust(trust_path), reply_timeout_s=timeout, log_monitor=_log_monitor(trust_path), **access.client_options()) as client:
         total = sum(store.counts(batch_id).values())
         with _BatchDisplay(total) as display:
             runner = BatchRunner(client, store, settings, display.update)
@@ -706,7 +721,7 @@ async def _fetch(access: BrokerAccess, trust_path, timeout, store, settings, wai
     from confide.clients.outbox import JobState
     from confide.clients.trust import load_trust
 
-    async with await Client.connect(access.url, load_trust(trust_path), reply_timeout_s=timeout, **access.client_options()) as client:
+    async with await Client.connect(access.url, load_trust(trust_path), reply_timeout_s=timeout, log_monitor=_log_monitor(trust_path), **access.client_options()) as client:
         runner = BatchRunner(client, store, settings)
         await runner.collect(None, wait=wait)
     for batch_id, output_path, total in store.batches():
@@ -736,6 +751,81 @@ def init_fido2(state_dir: Path) -> None:
     click.echo(f"registered; use --key-source fido2 (credential in {source.credential_path})")
 
 
+# -- the release log and verification ---------------------------------------------------
+
+
+@main.command()
+@state_dir_option
+@broker_option
+@creds_option
+@tls_ca_option
+@model_option
+@n_ctx_option
+@click.option("--version", "release_version", default=None, help="Version string recorded with the release [default: confide's version].")
+def release(state_dir: Path, broker: str | None, creds: Path | None, tls_ca: Path | None, model: Path | None, n_ctx: int | None, release_version: str | None) -> None:
+    """Append the installed worker's measurement to the release log and publish the log."""
+    from confide import __version__
+    from confide.release import append_release, load_or_create_log_key, publish_release_log
+    from confide.workers.engine import DEFAULT_N_CTX, EngineSettings, default_model_path
+    from confide.workers.measurement import measure
+
+    state = StackState(state_dir)
+    model_path = model or default_model_path()
+    measurement = measure(model_path, EngineSettings(model_path, n_ctx or DEFAULT_N_CTX).measured())
+    log_key = load_or_create_log_key(state.log_key)
+    index, appended = append_release(state.release_log, measurement, release_version or __version__)
+    click.echo(f"measurement {measurement.hex()}")
+    click.echo(f"{'appended as' if appended else 'already in the log as'} leaf {index} of {state.release_log}")
+    click.echo(f"log key {log_key.verify_key.hex()}")
+
+    url, _ = _resolve(state_dir, broker, None)
+    options = _role_options(_role_credentials(creds, state.credentials.release), RELEASE_INBOX_PREFIX, tls_ca)
+    try:
+        size = anyio.run(functools.partial(publish_release_log, url, state.release_log, log_key, connect_options=options))
+    except Exception as exc:  # the log is stored; publishing can be repeated
+        _fail(f"the release is logged but publishing to {url} failed ({type(exc).__name__}); run 'confide release' again once the broker is up")
+    click.echo(f"published a signed tree head of size {size} to {url}")
+
+
+@main.command()
+@state_dir_option
+@broker_option
+@creds_option
+@tls_ca_option
+@click.option("--trust", type=click.Path(dir_okay=False, path_type=Path), help="Trust policy JSON [default: STATE_DIR/trust.json].")
+def verify(state_dir: Path, broker: str | None, creds: Path | None, tls_ca: Path | None, trust: Path | None) -> None:
+    """Check the running pool's chain of trust and print each step, or where it fails."""
+    url, trust_path = _resolve(state_dir, broker, trust)
+    access = _client_access(state_dir, url, creds, tls_ca)
+    try:
+        anyio.run(_verify, access, trust_path, _log_monitor(trust_path).path)
+    except ConfideError as exc:
+        click.echo(f"FAILED  {exc}")
+        sys.exit(1)
+    click.echo("the pool is trusted: jobs are sealed only to this attested key")
+
+
+async def _verify(access: BrokerAccess, trust_path: Path, log_head: Path) -> None:
+    from confide.clients.client import Client
+    from confide.clients.log_monitor import LogMonitor
+    from confide.clients.trust import load_trust
+    from confide.schemas import subjects
+    from confide.schemas.attestation import verify_with_steps
+
+    def report(step: str, detail: str) -> None:
+        click.echo(f"ok      {step:<13} {detail}")
+
+    policy = load_trust(trust_path)
+    report("trust policy", f"{trust_path}: platforms {sorted(policy.platform_keys)}, log key {'pinned' if policy.log_key else 'none'}")
+    async with await Client.connect(access.url, policy, **access.client_options()) as client:
+        report("broker", f"{access.url} reachable")
+        kv = await client._js.key_value(subjects.POOL_BUCKET)
+        entry = await kv.get(subjects.ATTESTATION_KEY)
+        verified = verify_with_steps(entry.value, policy, "pool", report=report)
+        if verified.tree_head is not None and policy.log_key is not None:
+            report("log history", await LogMonitor(log_head).check(client._js, verified.tree_head, policy.log_key))
+
+
 # -- the worker ------------------------------------------------------------------------
 
 
@@ -757,6 +847,10 @@ def init_fido2(state_dir: Path) -> None:
     "[default: 30]. It is set on the pool's shared consumer, so the last worker to start decides. Lower it to "
     "retry the jobs of a crashed worker sooner.",
 )
+@click.option("--trust", type=click.Path(dir_okay=False, path_type=Path), help="Trust policy with the release log key [default: STATE_DIR/trust.json].")
+@click.option("--dev", is_flag=True, help="Development mode: run even if this build is not a logged release; the attestation says so.")
+@click.option("--rotate-every", type=click.IntRange(1, 7 * 24 * 3600), default=3600, show_default=True, help="Seconds between pool key epochs.")
+@click.option("--key-grace", type=click.IntRange(0, 7 * 24 * 3600), default=3600, show_default=True, help="Seconds a replaced pool key still opens queued jobs before it is erased.")
 def worker(
     state_dir: Path,
     broker: str | None,
@@ -768,10 +862,16 @@ def worker(
     platform_key: Path | None,
     stats_file: Path | None,
     ack_wait: float | None,
+    trust: Path | None,
+    dev: bool,
+    rotate_every: int,
+    key_grace: int,
 ) -> None:
     """Run one worker in the foreground against a broker."""
     from confide.broker_config.topology import Topology
+    from confide.clients.trust import load_trust
     from confide.workers.engine import DEFAULT_N_CTX, EngineSettings, ModelNotFoundError, default_model_path
+    from confide.workers.pool_key import EpochSettings
     from confide.workers.worker import WorkerSettings, main as run
 
     url, _ = _resolve(state_dir, broker, None)
@@ -782,12 +882,24 @@ def worker(
         model_path = model or default_model_path()
     except ModelNotFoundError as exc:
         _fail(str(exc))
+    log_key = None
+    trust_path = trust or StackState(state_dir).trust
+    if trust is not None or trust_path.is_file():
+        try:
+            log_key = load_trust(trust_path).log_key
+        except ConfideError as exc:
+            _fail(str(exc))
+    if log_key is None and not dev:
+        _fail(f"no release log key in {trust_path}: pass --trust with the pool's trust policy, or --dev to run an unlogged build")
     settings = WorkerSettings(
         broker_url=url,
         platform_key_path=key_path,
         engine=EngineSettings(model_path, n_ctx or DEFAULT_N_CTX, threads),
         topology=Topology() if ack_wait is None else Topology(ack_wait_s=ack_wait),
         stats_path=stats_file,
+        epochs=EpochSettings(rotate_every_s=rotate_every, grace_s=key_grace),
+        log_key=log_key,
+        dev_mode=dev,
         credentials_path=creds or _existing(StackState(state_dir).credentials.worker),
         tls_ca=tls_ca,
     )

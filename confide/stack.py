@@ -11,7 +11,10 @@ Everything lives under one state directory:
                      of the other roles
     worker-N.log     worker output; worker-N.stats.json its counters
     platform.key     the SIMULATED TEE's root key (stands in for the CPU vendor's)
-    trust.json       what clients pin: that root's public key and the measurement
+    trust.json       what clients pin: that root's public key and the release log's key
+    log.key          the release log's signing key (the local stack is its own log operator)
+    release-log.sqlite3  the release transparency log
+    log-head.json    the last log tree head this device verified
     stack.json       process ids and the broker URL
 """
 
@@ -86,6 +89,18 @@ class StackState:
     @property
     def credentials(self) -> LocalCredentials:
         return LocalCredentials(self.directory)
+
+    @property
+    def log_key(self) -> Path:
+        return self.directory / "log.key"
+
+    @property
+    def release_log(self) -> Path:
+        return self.directory / "release-log.sqlite3"
+
+    @property
+    def log_head(self) -> Path:
+        return self.directory / "log-head.json"
 
     def worker_log(self, index: int) -> Path:
         return self.directory / f"worker-{index}.log"
@@ -185,6 +200,8 @@ def start_worker(
         str(state.platform_key),
         "--stats-file",
         str(state.worker_stats(index)),
+        "--trust",
+        str(state.trust),
     ]
     if model is not None:
         command += ["--model", str(model)]
@@ -237,5 +254,5 @@ def stop_process(pid: int, timeout_s: float = 10.0) -> None:
         pass
 
 
-def local_trust_policy(platform_verify_key: bytes, measurement: bytes) -> TrustPolicy:
-    return TrustPolicy({"simulated": platform_verify_key}, frozenset({measurement}), allow_simulated=True)
+def local_trust_policy(platform_verify_key: bytes, measurement: bytes, log_key: bytes | None = None) -> TrustPolicy:
+    return TrustPolicy({"simulated": platform_verify_key}, frozenset({measurement}), allow_simulated=True, log_key=log_key)

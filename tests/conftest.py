@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +16,9 @@ import pytest
 
 from confide import stack
 from confide.clients.client import Client
+from confide.clients.trust import save_trust
+from confide.release import append_release, load_or_create_log_key, publish_release_log
+from confide.schemas import crypto
 from confide.schemas.attestation import TrustPolicy
 from confide.workers.engine import DEFAULT_N_CTX, EngineSettings, default_model_path
 from confide.workers.measurement import measure
@@ -78,10 +83,21 @@ def broker(tmp_path_factory) -> Broker:
 
 @dataclass
 class Pool:
+    """The simulated platform root, the release log and the trust policy clients pin."""
+
     platform_key_path: Path
     platform_verify_key: bytes
     measurement: bytes
     policy: TrustPolicy
+    trust_path: Path
+    release_log: Path
+    log_key: crypto.SigningKey
+
+    def publish_log(self, url: str) -> None:
+        """Publish the release log to a broker, as its operator would before workers start."""
+        # Run in a thread with its own event loop: callers may be inside one already.
+        with ThreadPoolExecutor(1) as executor:
+            executor.submit(asyncio.run, publish_release_log(url, self.release_log, self.log_key)).result(timeout=30)
 
 
 @pytest.fixture(scope="session")
@@ -90,7 +106,11 @@ def pool(tmp_path_factory) -> Pool:
     key_path = directory / "platform.key"
     platform_key = create_platform_key(key_path)
     measurement = measure(default_model_path(), EngineSettings(default_model_path(), DEFAULT_N_CTX).measured())
-    return Pool(key_path, platform_key.verify_key, measurement, stack.local_trust_policy(platform_key.verify_key, measurement))
+    log_key = load_or_create_log_key(directory / "log.key")
+    append_release(directory / "release-log.sqlite3", measurement)
+    policy = stack.local_trust_policy(platform_key.verify_key, measurement, log_key.verify_key)
+    save_trust(directory / "trust.json", policy)
+    return Pool(key_path, platform_key.verify_key, measurement, policy, directory / "trust.json", directory / "release-log.sqlite3", log_key)
 
 
 @dataclass
@@ -114,10 +134,12 @@ def start_worker(
     log_path = directory / f"{name}.log"
     stats_path = directory / f"{name}.stats.json"
     stats_path.unlink(missing_ok=True)
+    pool.publish_log(url)
     command = [
         sys.executable, "-m", "confide.cli", *(["--verbose"] if verbose else []), "worker",
         "--broker", url,
         "--platform-key", str(pool.platform_key_path),
+        "--trust", str(pool.trust_path),
         "--stats-file", str(stats_path),
         "--threads", "2",
         *(extra or []),

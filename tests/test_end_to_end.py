@@ -62,9 +62,15 @@ async def test_unknown_measurement_refused(broker, pool, worker):
 
     from confide.clients.client import Client
 
-    policy = replace(pool.policy, measurements=frozenset({bytes(32)}))
-    async with await Client.connect(broker.url, policy) as client:
+    from confide.schemas import crypto
+
+    unlisted = replace(pool.policy, log_key=None, measurements=frozenset({bytes(32)}))
+    other_log = replace(pool.policy, log_key=crypto.SigningKey.generate().verify_key)
+    async with await Client.connect(broker.url, unlisted) as client:
         with pytest.raises(AttestationError, match="not in the allowed set"):
+            await client.submit([ChatMessage("user", "hello")])
+    async with await Client.connect(broker.url, other_log) as client:
+        with pytest.raises(AttestationError, match="release log evidence is invalid"):
             await client.submit([ChatMessage("user", "hello")])
 
 
