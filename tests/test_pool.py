@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import anyio
@@ -20,13 +22,18 @@ from conftest import start_broker, start_worker, stop
 from confide.broker_config.credentials import load_user_credentials
 from confide.broker_config.permissions import OPERATOR_INBOX_PREFIX
 from confide.clients.client import Client
+from confide.release import append_release
 from confide.schemas import subjects
 from confide.schemas.attestation import verify_document
 from confide.schemas.messages import ChatMessage, GenerationParams
+from confide.workers.engine import EngineSettings, default_model_path
+from confide.workers.measurement import measure
 
 pytestmark = pytest.mark.anyio
 
 QUICK = GenerationParams(max_tokens=24, temperature=0.0)
+# Generous: on two busy cores a queued job can wait a minute for its first chunk.
+REPLY_TIMEOUT_S = 180
 CONFIDE = str(Path(sys.executable).parent / "confide")
 # A generous limit for one CLI command: `confide up` loads the model in every
 # worker, which takes a few seconds each on two busy cores.
@@ -81,9 +88,9 @@ async def test_second_worker_joins_and_shares_jobs(pool, tmp_path, running):
     assert b"pool key released to a joining worker" in first.output()
     assert await pool_entry(broker.url) == document_before
 
-    prompts = [f"Name one fruit that starts with the letter {letter}." for letter in "ABCDEF"]
+    prompts = [f"Name one fruit that starts with the letter {letter}." for letter in "ABCD"]
     replies: dict[int, str] = {}
-    async with await Client.connect(broker.url, pool.policy, reply_timeout_s=60) as client:
+    async with await Client.connect(broker.url, pool.policy, reply_timeout_s=REPLY_TIMEOUT_S) as client:
         attested = await client.attest()
         assert attested.key == verify_document(document_before[1], pool.policy, purpose="pool").key
 
@@ -121,8 +128,13 @@ async def test_joiner_with_other_measurement_refused(pool, tmp_path, running):
     running.append(member.process)
     document_before = await pool_entry(broker.url)
 
+    # The stranger's build is a logged release too, in a copy of the session's
+    # log, so it passes its own start checks and the member is what rejects it.
+    stranger_log = tmp_path / "release-log.sqlite3"
+    shutil.copyfile(pool.release_log, stranger_log)
+    append_release(stranger_log, measure(default_model_path(), EngineSettings(default_model_path(), 2048).measured()))
     with pytest.raises(RuntimeError, match="worker exited with 1"):
-        start_worker(broker.url, pool, tmp_path, "stranger", extra=["--n-ctx", "2048"])
+        start_worker(broker.url, replace(pool, release_log=stranger_log), tmp_path, "stranger", extra=["--n-ctx", "2048"])
     output = (tmp_path / "stranger.log").read_text(errors="replace")
 
     assert "confide: a pool member rejected the key release request" in output
@@ -133,7 +145,7 @@ async def test_joiner_with_other_measurement_refused(pool, tmp_path, running):
     assert re.search(r"key release refused: rejected a joining worker: measurement [0-9a-f]{16}\.\.\. is not in the allowed set$", refusals[0])
     assert await pool_entry(broker.url) == document_before
 
-    async with await Client.connect(broker.url, pool.policy, reply_timeout_s=60) as client:
+    async with await Client.connect(broker.url, pool.policy, reply_timeout_s=REPLY_TIMEOUT_S) as client:
         assert (await client.ask_text([ChatMessage("user", "Say hello.")], QUICK)).strip()
 
 
