@@ -28,6 +28,8 @@ import anyio
 
 from confide import stack
 from confide.clients.client import Client
+from confide.clients.trust import save_trust
+from confide.release import append_release, load_or_create_log_key, publish_release_log
 from confide.schemas.messages import ChatMessage, GenerationParams
 from confide.workers.engine import DEFAULT_N_CTX, EngineSettings, default_model_path, silence_native_logs
 from confide.workers.measurement import measure
@@ -108,12 +110,19 @@ async def bench(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="confide-bench-") as temporary:
         state = stack.StackState(Path(temporary))
         platform_key = create_platform_key(state.platform_key)
-        policy = stack.local_trust_policy(platform_key.verify_key, measure(model, settings.measured()))
+        measurement = measure(model, settings.measured())
+        log_key = load_or_create_log_key(state.log_key)
+        append_release(state.release_log, measurement)
+        policy = stack.local_trust_policy(platform_key.verify_key, measurement, log_key.verify_key)
+        save_trust(state.trust, policy)
         port = stack.free_port()
+        # An open loopback broker: credentials cost nothing per token, so the
+        # comparison is the same with `confide up`'s secured one.
         broker, url = stack.start_broker(state, stack.HOST, port)
         worker = None
         try:
             stack.wait_for_port(stack.HOST, port, 15, broker)
+            await publish_release_log(url, state.release_log, log_key)
             worker = stack.start_worker(state, 0, url, None, args.n_ctx, threads=args.threads)
             deadline = time.monotonic() + 120
             while not state.worker_stats(0).exists():
