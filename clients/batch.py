@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,9 @@ class BatchSettings:
     first_chunk_timeout_s: float = 3600.0
     publish_concurrency: int = PUBLISH_CONCURRENCY
     read_concurrency: int = READ_CONCURRENCY
+    # Each job waits a random time up to this many seconds before it is
+    # published, so the broker cannot tie a burst of jobs to one client by timing.
+    max_delay_s: float = 0.0
 
 
 def read_input(path: Path) -> tuple[str, list[tuple[str, str]]]:
@@ -130,6 +134,8 @@ class BatchRunner:
                 self._outbox.save_secrets(job, prepared.to_secrets())
             else:
                 prepared = PreparedJob.from_secrets(job.secrets)
+            if self._settings.max_delay_s > 0:
+                await anyio.sleep(secrets.SystemRandom().uniform(0, self._settings.max_delay_s))
 
             sequence = await self._publish_until_accepted(prepared)
             self._outbox.mark_accepted(job, sequence)

@@ -646,9 +646,16 @@ class _BatchDisplay:
 @click.argument("input_file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Results JSONL, written in input order.")
 @click.option("--detach", is_flag=True, help="Submit every job and exit; collect later with 'confide fetch'.")
+@click.option(
+    "--max-delay",
+    type=click.FloatRange(0, 3600),
+    default=0.0,
+    show_default=True,
+    help="Publish each job after a random delay of up to this many seconds, so timing does not group them.",
+)
 @_outbox_options
 @_client_options
-def batch(input_file: Path, output: Path, detach: bool, outbox: Path | None, key_source: str, state_dir: Path, broker: str | None, creds: Path | None, tls_ca: Path | None, trust: Path | None, max_tokens: int, temperature: float, seed: int | None, timeout: float) -> None:
+def batch(input_file: Path, output: Path, detach: bool, max_delay: float, outbox: Path | None, key_source: str, state_dir: Path, broker: str | None, creds: Path | None, tls_ca: Path | None, trust: Path | None, max_tokens: int, temperature: float, seed: int | None, timeout: float) -> None:
     """Submit each line of INPUT_FILE (JSONL with "prompt" and optional "id") as its own sealed job.
 
     Run it again after an interruption: it continues where it stopped and
@@ -662,7 +669,7 @@ def batch(input_file: Path, output: Path, detach: bool, outbox: Path | None, key
         batch_id, rows = read_input(input_file)
     except ConfideError as exc:
         _fail(str(exc))
-    settings = BatchSettings(GenerationParams(max_tokens=max_tokens, temperature=temperature, seed=seed))
+    settings = BatchSettings(GenerationParams(max_tokens=max_tokens, temperature=temperature, seed=seed), max_delay_s=max_delay)
     store = _open_outbox(state_dir, outbox, key_source)
     try:
         added = store.add_batch(batch_id, str(output.resolve()), rows)
