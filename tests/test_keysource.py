@@ -30,7 +30,7 @@ def test_key_file_wrong_size_rejected(tmp_path):
 
 
 class StandInClient:
-    """Answers like python-fido2's Fido2Client with an authenticator that supports PRF.
+    """Responds like python-fido2's Fido2Client with an authenticator that supports PRF.
 
     The PRF output is HMAC-SHA256 of the salt under a per-credential secret, as
     the hmac-secret extension computes it inside a real authenticator.

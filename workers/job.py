@@ -33,7 +33,7 @@ from confide.workers.stats import WorkerStats
 log = logging.getLogger("confide.worker.job")
 
 # Seconds before a job sealed to an unknown pool key is offered again, so a
-# member that holds the key can take it.
+# member with that key can take it.
 UNKNOWN_KEY_RETRY_S = 2.0
 # Larger text pieces are split so one chunk stays well under the chunk limit.
 MAX_CHUNK_CHARS = 4096
@@ -286,7 +286,7 @@ class JobRunner:
         expired-key notice the client can find from its envelope, so the
         client seals the job again. A job sealed to the key the pool has
         just published, which this worker has not fetched yet, goes back to
-        the queue for a member that holds it. Any other key id is unknown.
+        the queue for a member that has it. Any other key id is unknown.
         """
         if self._pool.is_erased(key_id):
             notice = self._pool.attest_notice(envelope_digest(message.data))
