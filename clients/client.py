@@ -250,7 +250,7 @@ class Client:
         try:
             padded = request.to_padded()
         except ValueError:
-            raise JobTooLargeError(_unpadded_size(request), min(limit, PAD_BUCKETS[-1])) from None
+            raise JobTooLargeError(_unpadded_size(request), min(limit, PAD_BUCKETS[-1]), "chat") from None
         envelope = JobEnvelope(pool.key_id, crypto.seal(padded, pool.key)).to_wire()
 
         if len(envelope) + PUBLISH_FRAMING + MESSAGE_ID_HEADER_SIZE > limit:
@@ -419,11 +419,11 @@ async def _probe(url: str) -> None:
 def _check_limits(messages: Sequence[ChatMessage]) -> None:
     """Reject, before sealing, what the worker's decoder would reject unread."""
     if len(messages) > MAX_MESSAGES:
-        raise LocalProtocolError(f"the chat has {len(messages)} messages but a job holds at most {MAX_MESSAGES}; start a new chat")
+        raise LocalProtocolError(f"the chat has {len(messages)} messages but a job can contain at most {MAX_MESSAGES}; start a new chat")
     for message in messages:
         size = len(message.content.encode("utf-8"))
         if size > MAX_STRING:
-            raise JobTooLargeError(size, MAX_STRING)
+            raise JobTooLargeError(size, MAX_STRING, "message")
 
 
 def _unpadded_size(request: JobRequest) -> int:

@@ -20,11 +20,16 @@ class EmptyPromptError(LocalProtocolError):
 
 
 class JobTooLargeError(LocalProtocolError):
-    def __init__(self, size: int, limit: int) -> None:
-        super().__init__(
-            f"the sealed job is {size} bytes but the broker accepts at most {limit} bytes "
-            "per message: shorten the prompt or the chat history"
-        )
+    """A job exceeds a size limit; `measured` names what `size` and `limit` describe."""
+
+    MEASURES = {
+        "sealed job": "the sealed job is {size} bytes but the broker accepts at most {limit} bytes per message",
+        "chat": "the chat is {size} bytes but the largest job padding bucket fits {limit} bytes",
+        "message": "one message is {size} bytes but a job message may contain at most {limit} bytes",
+    }
+
+    def __init__(self, size: int, limit: int, measured: str = "sealed job") -> None:
+        super().__init__(self.MEASURES[measured].format(size=size, limit=limit) + ": shorten the prompt or the chat history")
         self.size = size
         self.limit = limit
 
