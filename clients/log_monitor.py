@@ -1,10 +1,10 @@
 """The device's memory of the release log: detect a log that shows different histories.
 
 Each verified tree head is checked against the last one this device
-stored. Three cases mean the log showed this device a history that does
-not extend what it saw before, so the pool is rejected: a smaller tree, the
-same size with another root, or a larger tree without a valid consistency
-proof (RFC 6962 section 2.1.2).
+stored. The pool is rejected in three cases, each of which means the log
+showed this device a history that does not extend what it saw before: a
+smaller tree, the same size with another root, or a larger tree without a
+valid consistency proof (RFC 6962 section 2.1.2).
 """
 
 from __future__ import annotations

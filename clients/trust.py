@@ -10,7 +10,7 @@ Stored as JSON so people can read and pin it:
      "allow_dev": false}
 
 With a log key, a pool is accepted when its measurement is proven to be in
-the release log; `measurements` then only matters for development-mode
+the release log. `measurements` then matters only for development-mode
 pools. Without one, the measurement must be in `measurements`.
 """
 

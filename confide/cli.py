@@ -248,7 +248,7 @@ async def _connect_role(access: BrokerAccess, credentials, inbox_prefix: str):
     from confide.errors import BrokerError
 
     async def on_error(exc: Exception) -> None:
-        log.warning("broker connection error: %s", exc)
+        log.warning("broker connection error: %s", type(exc).__name__)
 
     options = _role_options(credentials, inbox_prefix, access.tls_ca)
     try:
@@ -855,7 +855,7 @@ async def _verify(access: BrokerAccess, trust_path: Path, log_head: Path) -> Non
     "retry the jobs of a crashed worker sooner.",
 )
 @click.option("--trust", type=click.Path(dir_okay=False, path_type=Path), help="Trust policy with the release log key [default: STATE_DIR/trust.json].")
-@click.option("--dev", is_flag=True, help="Development mode: run even if this build is not a logged release; the attestation says so.")
+@click.option("--dev", is_flag=True, help="Development mode: run even if this build is not a logged release; the attestation declares it.")
 @click.option("--rotate-every", type=click.IntRange(1, 7 * 24 * 3600), default=3600, show_default=True, help="Seconds between pool key epochs.")
 @click.option("--key-grace", type=click.IntRange(0, 7 * 24 * 3600), default=3600, show_default=True, help="Seconds a replaced pool key still opens queued jobs before it is erased.")
 def worker(

@@ -335,7 +335,7 @@ class AttestationBody:
     expires_at: int
     model: str
     # A worker started in development mode runs a measurement that need not
-    # be in the release log; clients reject such a pool unless told otherwise.
+    # be in the release log. Clients reject such a pool unless their policy allows it.
     dev_mode: bool = False
 
     def to_bytes(self) -> bytes:
@@ -392,9 +392,9 @@ class ReleaseEvidence:
     """Proof that a measurement is in the release transparency log.
 
     `leaf` is the release record, `proof` its inclusion proof and
-    `tree_head` the log's signed tree head the proof leads to; the wire forms
+    `tree_head` the log's signed tree head the proof leads to. The wire forms
     are those of schemas/transparency.py. None of it needs the platform's
-    signature: the log's own signature authenticates it.
+    signature, because the log's own signature authenticates it.
     """
 
     leaf: bytes

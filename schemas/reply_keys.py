@@ -157,7 +157,7 @@ class ReplyReceiver:
                 raise ReplyOrderError(f"expected chunk {self._chain.index}, got chunk {chunk.index}")
             if not crypto.constant_time_equal(chunk.worker_key, self._worker_key):
                 # Another key under the same attempt number: a replayed job
-                # answered by a second worker, or an injection. It cannot be
+                # run by a second worker, or an injection. It cannot be
                 # opened with this chain, so it is ignored, not fatal.
                 self.foreign += 1
                 return None

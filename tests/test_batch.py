@@ -91,7 +91,7 @@ async def test_republished_job_deduplicated(client, tmp_path):
 
 
 async def test_outbox_encrypted_at_rest_and_keys_erased(client, tmp_path):
-    """The outbox file holds no prompt or reply bytes, and finished jobs keep no keys."""
+    """The outbox file contains no prompt or reply bytes, and finished jobs keep no keys."""
     rows = [{"id": "secret", "prompt": f"Repeat {CANARY} once."}]
     batch_id, parsed = read_input(write_input(tmp_path / "in.jsonl", rows))
     outbox = open_outbox(tmp_path)
@@ -163,7 +163,7 @@ async def test_batch_survives_broker_restart(pool, tmp_path):
 
 
 async def test_uncollected_reply_expires(pool, tmp_path):
-    """A reply nobody reads is gone after the replies stream's time to live."""
+    """An uncollected reply is gone after the replies stream's time to live."""
     from confide.errors import ReplyIncompleteError
     from confide.schemas.messages import ChatMessage
 

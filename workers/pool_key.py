@@ -10,7 +10,7 @@ Protocol (all over NATS, no secret ever in clear):
    joiner's one-time key. A joiner that fails the check gets a refusal and
    the member logs the reason, never a key. A refused worker stops with
    PoolJoinError and leaves the pool's document as it is.
-3. If no document exists, or no member answers, the worker creates a key
+3. If no document exists, or no member responds, the worker creates a key
    and publishes its document with a revision check, so of two workers that
    race only one key survives and the other joins it.
 
@@ -135,7 +135,7 @@ class PoolKeyHolder:
             body = self._verify_pool_document(entry.value)
             if await self._join(body.key if body is not None else None):
                 return "joined"
-            # No member responded, so no running worker holds this document's key.
+            # No member responded, so no running worker has this document's key.
             if await self._create(revision=entry.revision):
                 return "created"
         raise PoolJoinError(f"could not join or create the pool key after {JOIN_ROUNDS} rounds; check the broker and start the worker again")
@@ -321,7 +321,7 @@ class PoolKeyHolder:
         try:
             body = verify_document(unverified, self._policy, purpose="join")
         except AttestationError as exc:
-            log.warning("key release refused: rejected a joining worker: %s", exc)
+            log.warning("key release refused: a joining worker failed verification: %s", exc)
             return REFUSAL
 
         log.info("pool key released to a joining worker with key %s (%d epochs)", crypto.fingerprint(body.key), len(self.ring))

@@ -155,7 +155,7 @@ async def _pull_jobs(consumer, runner: JobRunner, fetch_timeout_s: float) -> Non
 async def _release_evidence(js, measurement: bytes, settings: WorkerSettings) -> ReleaseEvidence | None:
     """Find this worker's release in the log; refuse to start without one unless in development mode."""
     if settings.dev_mode:
-        log.warning("DEVELOPMENT MODE: this worker's measurement need not be a logged release, and its attestation says so")
+        log.warning("DEVELOPMENT MODE: this worker's measurement need not be a logged release, and its attestation declares it")
     if settings.log_key is None:
         if not settings.dev_mode:
             log.warning("no release log key configured: the attestation carries no release proof")
