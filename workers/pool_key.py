@@ -258,8 +258,11 @@ class PoolKeyHolder:
 
     async def maintain(self) -> None:
         """Follow, rotate, refresh and erase epochs until cancelled."""
+        # Checking at least four times per epoch keeps a member from skipping
+        # an epoch that another member created and then replaced.
+        interval = min(self._settings.check_every_s, self._settings.rotate_every_s / 4)
         while True:
-            await anyio.sleep(self._settings.check_every_s)
+            await anyio.sleep(interval)
             try:
                 await self._maintain_once()
             except (nats.errors.Error, PoolJoinError) as exc:
@@ -321,7 +324,7 @@ class PoolKeyHolder:
         try:
             body = verify_document(unverified, self._policy, purpose="join")
         except AttestationError as exc:
-            log.warning("key release refused: a joining worker failed verification: %s", exc)
+            log.warning("key release refused: rejected a joining worker: %s", exc)
             return REFUSAL
 
         log.info("pool key released to a joining worker with key %s (%d epochs)", crypto.fingerprint(body.key), len(self.ring))
