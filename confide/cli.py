@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -758,6 +758,62 @@ def init_fido2(state_dir: Path) -> None:
     click.echo(f"registered; use --key-source fido2 (credential in {source.credential_path})")
 
 
+@main.group()
+def trust() -> None:
+    """Edit the trust policy that clients and workers verify pools against."""
+
+
+@trust.command("pin-sev-snp")
+@state_dir_option
+@click.option("--trust", "trust_path", type=click.Path(dir_okay=False, path_type=Path), help="Trust policy JSON to update [default: STATE_DIR/trust.json].")
+@click.option("--ark", "ark_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="AMD root key (ARK) certificate, PEM or DER, from AMD's key distribution service.")
+@click.option("--launch-measurement", "launch_measurements", required=True, multiple=True, help="Allowed SEV-SNP launch measurement, 96 hex digits; repeat for several.")
+@click.option("--minimum-tcb", required=True, help="Lowest TCB accepted, as BOOT_LOADER,TEE,SNP,MICROCODE security patch levels, e.g. 3,0,8,115.")
+@click.option("--allow-debug", is_flag=True, help="Accept guests whose policy allows debugging (the host can read their memory).")
+def pin_sev_snp(state_dir: Path, trust_path: Path | None, ark_path: Path, launch_measurements: tuple[str, ...], minimum_tcb: str, allow_debug: bool) -> None:
+    """Pin AMD's root, the launch measurements and the minimum TCB that SEV-SNP pools must show."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from confide.clients.trust import load_trust, save_trust
+    from confide.schemas.sev_snp import MEASUREMENT_SIZE, SnpTrustPolicy, TcbVersion
+
+    path = trust_path or StackState(state_dir).trust
+    raw = ark_path.read_bytes()
+    try:
+        certificate = x509.load_pem_x509_certificate(raw) if b"-----BEGIN" in raw else x509.load_der_x509_certificate(raw)
+    except ValueError:
+        _fail(f"{ark_path} is not a PEM or DER X.509 certificate")
+    measurements = set()
+    for text in launch_measurements:
+        try:
+            value = bytes.fromhex(text)
+        except ValueError:
+            _fail(f"launch measurement {text[:16]}... is not hex")
+        if len(value) != MEASUREMENT_SIZE:
+            _fail(f"a launch measurement is {MEASUREMENT_SIZE} bytes ({2 * MEASUREMENT_SIZE} hex digits), got {len(value)} bytes")
+        measurements.add(value)
+    try:
+        levels = [int(part) for part in minimum_tcb.split(",")]
+        if len(levels) != 4 or not all(0 <= level <= 255 for level in levels):
+            raise ValueError
+    except ValueError:
+        _fail(f"--minimum-tcb must be four numbers from 0 to 255 separated by commas, got {minimum_tcb!r}")
+
+    try:
+        policy = load_trust(path)
+    except ConfideError as exc:
+        _fail(str(exc))
+    snp = SnpTrustPolicy(
+        ark=certificate.public_bytes(Encoding.DER),
+        launch_measurements=frozenset(measurements),
+        minimum_tcb=TcbVersion(*levels),
+        allow_debug=allow_debug,
+    )
+    save_trust(path, replace(policy, sev_snp=snp))
+    click.echo(f"pinned ARK '{certificate.subject.rfc4514_string()}', {len(measurements)} launch measurement(s) and minimum TCB {minimum_tcb} in {path}")
+
+
 # -- the release log and verification ---------------------------------------------------
 
 
@@ -858,6 +914,20 @@ async def _verify(access: BrokerAccess, trust_path: Path, log_head: Path) -> Non
 @click.option("--dev", is_flag=True, help="Development mode: run even if this build is not a logged release; the attestation declares it.")
 @click.option("--rotate-every", type=click.IntRange(1, 7 * 24 * 3600), default=3600, show_default=True, help="Seconds between pool key epochs.")
 @click.option("--key-grace", type=click.IntRange(0, 7 * 24 * 3600), default=3600, show_default=True, help="Seconds a replaced pool key still opens queued jobs before it is erased.")
+@click.option(
+    "--tee",
+    type=click.Choice(["simulated", "configfs-tsm"]),
+    default="simulated",
+    show_default=True,
+    help="TEE backend: the SIMULATED software root, or the CPU's reports through Linux configfs-tsm (SEV-SNP guests).",
+)
+@click.option(
+    "--configfs-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="configfs-tsm report directory for --tee configfs-tsm [default: /sys/kernel/config/tsm/report].",
+)
+@click.option("--tsm-report-name", default=None, help="Name of this worker's configfs-tsm report instance [default: confide-PID].")
 def worker(
     state_dir: Path,
     broker: str | None,
@@ -873,29 +943,39 @@ def worker(
     dev: bool,
     rotate_every: int,
     key_grace: int,
+    tee: str,
+    configfs_root: Path | None,
+    tsm_report_name: str | None,
 ) -> None:
     """Run one worker in the foreground against a broker."""
     from confide.broker_config.topology import Topology
     from confide.clients.trust import load_trust
     from confide.workers.engine import DEFAULT_N_CTX, EngineSettings, ModelNotFoundError, default_model_path
     from confide.workers.pool_key import EpochSettings
+    from confide.workers.tee_tsm import DEFAULT_CONFIGFS_ROOT
     from confide.workers.worker import WorkerSettings, main as run
 
     url, _ = _resolve(state_dir, broker, None)
-    key_path = platform_key or StackState(state_dir).platform_key
-    if not key_path.is_file():
-        _fail(f"no simulated platform key at {key_path}: run 'confide up' once or pass --platform-key")
+    key_path = None
+    if tee == "simulated":
+        key_path = platform_key or StackState(state_dir).platform_key
+        if not key_path.is_file():
+            _fail(f"no simulated platform key at {key_path}: run 'confide up' once or pass --platform-key")
+    elif platform_key is not None:
+        _fail("--platform-key is the SIMULATED TEE's root key; a --tee configfs-tsm worker has no use for it")
     try:
         model_path = model or default_model_path()
     except ModelNotFoundError as exc:
         _fail(str(exc))
     log_key = None
+    sev_snp = None
     trust_path = trust or StackState(state_dir).trust
     if trust is not None or trust_path.is_file():
         try:
-            log_key = load_trust(trust_path).log_key
+            policy = load_trust(trust_path)
         except ConfideError as exc:
             _fail(str(exc))
+        log_key, sev_snp = policy.log_key, policy.sev_snp
     if log_key is None and not dev:
         _fail(f"no release log key in {trust_path}: pass --trust with the pool's trust policy, or --dev to run an unlogged build")
     settings = WorkerSettings(
@@ -909,6 +989,10 @@ def worker(
         dev_mode=dev,
         credentials_path=creds or _existing(StackState(state_dir).credentials.worker),
         tls_ca=tls_ca,
+        tee=tee,
+        configfs_root=configfs_root or DEFAULT_CONFIGFS_ROOT,
+        tsm_report_name=tsm_report_name,
+        sev_snp=sev_snp,
     )
     try:
         run(settings)

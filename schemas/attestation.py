@@ -1,9 +1,16 @@
 """Verification of attestation documents, shared by clients and pool members.
 
-A document passes only if every check can be made and succeeds:
+Two kinds of document reach a verifier. A simulated worker's "attestation"
+is a body signed by the simulated platform's Ed25519 key. An SEV-SNP
+worker's "hardware_attestation" (schemas/hardware.py) is a raw report
+signed by the processor, plus the claims its report data binds. Both pass
+the same checks; only the first two differ:
 
-1. the policy pins a root key for the document's platform;
-2. the platform's signature over the body verifies;
+1. the policy pins a root for the document's platform: an Ed25519 key for
+   "simulated", AMD's ARK and the allowed launch measurements for "sev-snp";
+2. the platform's signature verifies: over the body, or over the report,
+   whose certificate chain leads to the pinned ARK and whose report data
+   is the hash of the document's claims (schemas/sev_snp.py);
 3. a simulated or development-mode worker is accepted only if the policy allows it;
 4. the measurement is allowed: it is in the release transparency log (an
    inclusion proof to a tree head signed by the pinned log key) or, for a
@@ -22,7 +29,10 @@ from dataclasses import dataclass, field
 
 from confide.errors import AttestationError, AuthenticationError, DecodeError, TransparencyError
 from confide.schemas import crypto
-from confide.schemas.messages import AttestationBody, SignedDocument
+from confide.schemas.codec import decode
+from confide.schemas.hardware import MAX_HARDWARE_DOCUMENT, HardwareDocument
+from confide.schemas.messages import AttestationBody, ReleaseEvidence, SignedDocument
+from confide.schemas.sev_snp import SnpTrustPolicy, verify_report
 from confide.schemas.transparency import InclusionProof, ReleaseRecord, TreeHead, verify_tree_head
 
 StepReporter = Callable[[str, str], None]
@@ -30,7 +40,11 @@ StepReporter = Callable[[str, str], None]
 
 @dataclass(frozen=True)
 class TrustPolicy:
-    """Pinned platform keys, the pinned release log key and the measurements a verifier accepts."""
+    """Pinned platform roots, the pinned release log key and the measurements a verifier accepts.
+
+    `platform_keys` pins Ed25519 keys by platform name ("simulated");
+    `sev_snp`, when set, pins AMD's root and the SEV-SNP launch values.
+    """
 
     platform_keys: dict[str, bytes]
     measurements: frozenset[bytes] = frozenset()
@@ -40,6 +54,7 @@ class TrustPolicy:
     name: str = field(default="", compare=False)
     log_key: bytes | None = None
     allow_dev: bool = False
+    sev_snp: SnpTrustPolicy | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +78,52 @@ def verify_with_steps(
     """Verify a document, calling `report(step, detail)` after each check that passes."""
     now = time.time() if now is None else now
 
+    if _document_type(unverified_wire) == "hardware_attestation":
+        body, release, platform_note = _verify_hardware(unverified_wire, policy, now, report)
+    else:
+        body, release = _verify_signed(unverified_wire, policy, report)
+        platform_note = "SIMULATED TEE" if body.simulated else "hardware TEE"
+
+    if body.simulated != (body.platform == "simulated"):
+        raise AttestationError("the document's simulated flag contradicts its platform")
+    if body.simulated and not policy.allow_simulated:
+        raise AttestationError("the pool runs on a simulated TEE and the trust policy does not allow simulated platforms")
+    if body.dev_mode and not policy.allow_dev:
+        raise AttestationError("the pool runs in development mode (its code need not be a logged release); pass --allow-dev to accept it")
+    if body.dev_mode:
+        platform_note += ", DEVELOPMENT MODE"
+    report("platform", platform_note)
+
+    tree_head, leaf_index = _check_measurement(release, body, policy, report)
+
+    if body.issued_at > now + policy.clock_skew_s:
+        raise AttestationError("the attestation document is dated in the future")
+    if now - body.issued_at > policy.max_age_s + policy.clock_skew_s:
+        raise AttestationError(f"the attestation document is stale: issued {int(now - body.issued_at)} s ago")
+    if body.expires_at < now - policy.clock_skew_s:
+        raise AttestationError("the attestation document has expired")
+    report("freshness", f"issued {max(0, int(now - body.issued_at))} s ago, expires in {int(body.expires_at - now)} s")
+
+    if body.purpose != purpose:
+        raise AttestationError(f"the document binds a '{body.purpose}' key, expected '{purpose}'")
+    report("key", f"{purpose} key {body.key_id.hex()} bound by the platform's signature")
+    return VerifiedDocument(body, tree_head, leaf_index)
+
+
+def _document_type(unverified_wire: bytes) -> str | None:
+    """Read a document's "type" to pick its verifier; the verifier decodes it again, strictly."""
+    try:
+        value = decode(unverified_wire, MAX_HARDWARE_DOCUMENT)
+    except DecodeError:
+        return None  # SignedDocument.from_wire reports the specific error
+    kind = value.get("type") if isinstance(value, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
+def _verify_signed(
+    unverified_wire: bytes, policy: TrustPolicy, report: StepReporter
+) -> tuple[AttestationBody, ReleaseEvidence | None]:
+    """Check a simulated platform's Ed25519 signature over the body and return the body."""
     try:
         document = SignedDocument.from_wire(unverified_wire)
         unverified_body = AttestationBody.from_bytes(document.body)
@@ -78,46 +139,43 @@ def verify_with_steps(
         crypto.verify_signature(verify_key, document.body, document.signature)
     except AuthenticationError:
         raise AttestationError("the attestation signature is invalid for the pinned platform key") from None
-    body = unverified_body
     report("signature", f"signed by the pinned {platform} root key {crypto.fingerprint(verify_key)}")
+    return unverified_body, document.release
 
-    if body.simulated != (platform == "simulated"):
-        raise AttestationError("the document's simulated flag contradicts its platform")
-    if body.simulated and not policy.allow_simulated:
-        raise AttestationError("the pool runs on a simulated TEE and the trust policy does not allow simulated platforms")
-    if body.dev_mode and not policy.allow_dev:
-        raise AttestationError("the pool runs in development mode (its code need not be a logged release); pass --allow-dev to accept it")
-    platform_note = "SIMULATED TEE" if body.simulated else "hardware TEE"
-    if body.dev_mode:
-        platform_note += ", DEVELOPMENT MODE"
-    report("platform", platform_note)
 
-    tree_head, leaf_index = _check_measurement(document, body, policy, report)
+def _verify_hardware(
+    unverified_wire: bytes, policy: TrustPolicy, now: float, report: StepReporter
+) -> tuple[AttestationBody, ReleaseEvidence | None, str]:
+    """Check a hardware report's chain, signature and key binding, and return the claims it binds."""
+    try:
+        unverified = HardwareDocument.from_wire(unverified_wire)
+    except DecodeError as exc:
+        raise AttestationError(f"the hardware attestation document is malformed ({exc.reason})") from None
+    report("document", f"platform {unverified.platform}, purpose {unverified.purpose}")
 
-    if body.issued_at > now + policy.clock_skew_s:
-        raise AttestationError("the attestation document is dated in the future")
-    if now - body.issued_at > policy.max_age_s + policy.clock_skew_s:
-        raise AttestationError(f"the attestation document is stale: issued {int(now - body.issued_at)} s ago")
-    if body.expires_at < now - policy.clock_skew_s:
-        raise AttestationError("the attestation document has expired")
-    report("freshness", f"issued {max(0, int(now - body.issued_at))} s ago, expires in {int(body.expires_at - now)} s")
-
-    if body.purpose != purpose:
-        raise AttestationError(f"the document binds a '{body.purpose}' key, expected '{purpose}'")
-    report("key", f"{purpose} key {body.key_id.hex()} bound by the signed body")
-    return VerifiedDocument(body, tree_head, leaf_index)
+    if unverified.platform != "sev-snp":
+        # NOTE: TDX quotes (DCAP) are not parsed or verified by this version,
+        # so a TDX pool is refused rather than accepted unchecked.
+        raise AttestationError(f"confide cannot verify '{unverified.platform}' reports yet, only SEV-SNP reports")
+    if policy.sev_snp is None:
+        raise AttestationError("the trust policy pins no AMD root (ARK), so an SEV-SNP document cannot be verified")
+    snp_report = verify_report(unverified.report, unverified.certificates, policy.sev_snp, unverified.report_data(), now)
+    document = unverified
+    report("signature", f"SEV-SNP report signed by a VCEK that chains to the pinned ARK {crypto.fingerprint(policy.sev_snp.ark)}, over the document's claims")
+    note = f"hardware TEE: SEV-SNP, launch measurement {snp_report.measurement.hex()[:16]}..., TCB ({snp_report.reported_tcb})"
+    return document.claims(), document.release, note
 
 
 def _check_measurement(
-    document: SignedDocument, body: AttestationBody, policy: TrustPolicy, report: StepReporter
+    release: ReleaseEvidence | None, body: AttestationBody, policy: TrustPolicy, report: StepReporter
 ) -> tuple[TreeHead | None, int | None]:
     measurement = body.measurement.hex()
-    if policy.log_key is not None and document.release is not None:
+    if policy.log_key is not None and release is not None:
         try:
-            head = verify_tree_head(document.release.tree_head, policy.log_key)
-            record = ReleaseRecord.from_leaf(document.release.leaf)
-            proof = InclusionProof.from_wire(document.release.proof)
-            proof.verify(document.release.leaf, head)
+            head = verify_tree_head(release.tree_head, policy.log_key)
+            record = ReleaseRecord.from_leaf(release.leaf)
+            proof = InclusionProof.from_wire(release.proof)
+            proof.verify(release.leaf, head)
         except (TransparencyError, DecodeError) as exc:
             raise AttestationError(f"the release log evidence is invalid: {exc}") from None
         if not crypto.constant_time_equal(record.measurement, body.measurement):

@@ -10,7 +10,7 @@ and the report data is a hash over exactly those claims:
     report_data = BLAKE2b-512(personal="confide:rdata:v1",
                               msgpack(["confide-report-data", 1, platform,
                                        purpose, key, measurement, model,
-                                       issued_at, expires_at]))
+                                       issued_at, expires_at, dev_mode]))
 
 A verifier checks the report's signature chain, then recomputes this hash
 from the document's fields and compares it with the report's report data.
@@ -23,7 +23,12 @@ Wire form, a msgpack map:
      "purpose", "key", "key_id", "measurement", "model",
      "issued_at", "expires_at",
      "report": raw report bytes as the kernel returned them,
-     "certs": [DER certificates, the report signer first]}
+     "certs": [DER certificates, the report signer first],
+     "dev_mode": true (present only for a development-mode worker),
+     "release": release log evidence (optional, as in "attestation")}
+
+"release" is outside the report data: the log's own signature
+authenticates it, as for a simulated document.
 
 For SEV-SNP, "certs" is [VCEK, ASK] or [VCEK, ASK, ARK] when the host
 supplies them. For TDX it is empty, because a TDX quote embeds its own
@@ -37,7 +42,7 @@ from dataclasses import dataclass
 from confide.errors import DecodeError
 from confide.schemas import crypto
 from confide.schemas.codec import Fields, decode, encode
-from confide.schemas.messages import KEY_ID_SIZE, PROTOCOL_VERSION, PURPOSES, key_id_for
+from confide.schemas.messages import KEY_ID_SIZE, MAX_DOCUMENT, PROTOCOL_VERSION, PURPOSES, AttestationBody, ReleaseEvidence, key_id_for
 
 REPORT_DATA_SIZE = 64
 REPORT_DATA_PERSON = b"confide:rdata:v1"
@@ -51,7 +56,8 @@ HARDWARE_PLATFORMS = frozenset(PROVIDERS)
 MAX_REPORT = 32 * 1024
 MAX_CERTIFICATE = 8 * 1024
 MAX_CERTIFICATES = 3
-MAX_HARDWARE_DOCUMENT = MAX_REPORT + MAX_CERTIFICATES * MAX_CERTIFICATE + 1024
+# The rest: the claims, and release evidence up to MAX_DOCUMENT (schemas/messages.py).
+MAX_HARDWARE_DOCUMENT = MAX_REPORT + MAX_CERTIFICATES * MAX_CERTIFICATE + MAX_DOCUMENT + 1024
 
 
 def report_data_for(
@@ -62,9 +68,10 @@ def report_data_for(
     model: str,
     issued_at: int,
     expires_at: int,
+    dev_mode: bool = False,
 ) -> bytes:
     """Compute the 64 bytes of report data that bind these claims to a hardware report."""
-    claims = encode(["confide-report-data", PROTOCOL_VERSION, platform, purpose, key, measurement, model, issued_at, expires_at])
+    claims = encode(["confide-report-data", PROTOCOL_VERSION, platform, purpose, key, measurement, model, issued_at, expires_at, dev_mode])
     return crypto.digest(claims, REPORT_DATA_PERSON, REPORT_DATA_SIZE)
 
 
@@ -81,6 +88,8 @@ class HardwareDocument:
     expires_at: int
     report: bytes
     certificates: tuple[bytes, ...] = ()
+    dev_mode: bool = False
+    release: ReleaseEvidence | None = None
 
     @property
     def provider(self) -> str:
@@ -92,26 +101,45 @@ class HardwareDocument:
 
     def report_data(self) -> bytes:
         """Return the report data that the document's claims require the report to carry."""
-        return report_data_for(self.platform, self.purpose, self.key, self.measurement, self.model, self.issued_at, self.expires_at)
+        return report_data_for(
+            self.platform, self.purpose, self.key, self.measurement, self.model, self.issued_at, self.expires_at, self.dev_mode
+        )
+
+    def claims(self) -> AttestationBody:
+        """Return the claims as the body a simulated document would sign; unverified until the report is."""
+        return AttestationBody(
+            platform=self.platform,
+            simulated=False,
+            measurement=self.measurement,
+            purpose=self.purpose,
+            key=self.key,
+            issued_at=self.issued_at,
+            expires_at=self.expires_at,
+            model=self.model,
+            dev_mode=self.dev_mode,
+        )
 
     def to_wire(self) -> bytes:
-        return encode(
-            {
-                "v": PROTOCOL_VERSION,
-                "type": "hardware_attestation",
-                "platform": self.platform,
-                "provider": self.provider,
-                "purpose": self.purpose,
-                "key": self.key,
-                "key_id": self.key_id,
-                "measurement": self.measurement,
-                "model": self.model,
-                "issued_at": self.issued_at,
-                "expires_at": self.expires_at,
-                "report": self.report,
-                "certs": list(self.certificates),
-            }
-        )
+        document: dict[str, object] = {
+            "v": PROTOCOL_VERSION,
+            "type": "hardware_attestation",
+            "platform": self.platform,
+            "provider": self.provider,
+            "purpose": self.purpose,
+            "key": self.key,
+            "key_id": self.key_id,
+            "measurement": self.measurement,
+            "model": self.model,
+            "issued_at": self.issued_at,
+            "expires_at": self.expires_at,
+            "report": self.report,
+            "certs": list(self.certificates),
+        }
+        if self.dev_mode:
+            document["dev_mode"] = True
+        if self.release is not None:
+            document["release"] = self.release.to_map()
+        return encode(document)
 
     @classmethod
     def from_wire(cls, data: bytes) -> HardwareDocument:
@@ -119,6 +147,7 @@ class HardwareDocument:
             decode(data, MAX_HARDWARE_DOCUMENT),
             "hardware_attestation",
             {"v", "type", "platform", "provider", "purpose", "key", "key_id", "measurement", "model", "issued_at", "expires_at", "report", "certs"},
+            frozenset({"dev_mode", "release"}),
             version=PROTOCOL_VERSION,
         )
         fields.string("type", choices=frozenset({"hardware_attestation"}))
@@ -136,6 +165,8 @@ class HardwareDocument:
             expires_at=fields.integer("expires_at", 0, 2**40),
             report=fields.binary("report", min_size=1, max_size=MAX_REPORT),
             certificates=_decode_certificates(fields.array("certs", MAX_CERTIFICATES)),
+            dev_mode=fields.boolean("dev_mode") if fields.has("dev_mode") else False,
+            release=ReleaseEvidence.from_map(fields.raw("release")) if fields.has("release") else None,
         )
         if not crypto.constant_time_equal(fields.binary("key_id", size=KEY_ID_SIZE), document.key_id):
             raise DecodeError("inconsistent", "hardware_attestation.key_id does not match its key")
@@ -144,7 +175,7 @@ class HardwareDocument:
     def __repr__(self) -> str:
         return (
             f"HardwareDocument(platform={self.platform}, purpose={self.purpose}, key_id={self.key_id.hex()}, "
-            f"report=[{len(self.report)} bytes], certificates={len(self.certificates)})"
+            f"report=[{len(self.report)} bytes], certificates={len(self.certificates)}, release={'yes' if self.release else 'no'})"
         )
 
 

@@ -127,9 +127,20 @@ class WorkerProcess:
 
 
 def start_worker(
-    url: str, pool: Pool, directory: Path, name: str = "worker", extra: list[str] | None = None, verbose: bool = False
+    url: str,
+    pool: Pool,
+    directory: Path,
+    name: str = "worker",
+    extra: list[str] | None = None,
+    verbose: bool = False,
+    trust: Path | None = None,
+    simulated: bool = True,
 ) -> WorkerProcess:
-    """Start `confide worker` and wait until it takes jobs; `verbose` adds its debug lines to the log."""
+    """Start `confide worker` and wait until it takes jobs; `verbose` adds its debug lines to the log.
+
+    `trust` replaces the pool's trust policy; `simulated=False` leaves out the
+    simulated platform key, for a worker that `extra` gives another TEE backend.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     log_path = directory / f"{name}.log"
     stats_path = directory / f"{name}.stats.json"
@@ -138,8 +149,8 @@ def start_worker(
     command = [
         sys.executable, "-m", "confide.cli", *(["--verbose"] if verbose else []), "worker",
         "--broker", url,
-        "--platform-key", str(pool.platform_key_path),
-        "--trust", str(pool.trust_path),
+        *(["--platform-key", str(pool.platform_key_path)] if simulated else []),
+        "--trust", str(trust or pool.trust_path),
         "--stats-file", str(stats_path),
         "--threads", "2",
         *(extra or []),

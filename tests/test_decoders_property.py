@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from sev_snp_fakes import make_amd_root
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,6 +20,7 @@ from confide.errors import AttestationError, AuthenticationError, DecodeError, R
 from confide.schemas import codec, crypto
 from confide.schemas.attestation import TrustPolicy, verify_document
 from confide.schemas.codec import encode
+from confide.schemas.hardware import HARDWARE_PLATFORMS, HardwareDocument
 from confide.schemas.messages import (
     CHUNK_PAD_BLOCK,
     FINISH_REASONS,
@@ -43,6 +45,7 @@ from confide.schemas.messages import (
     key_id_for,
 )
 from confide.schemas.reply_keys import ReplyReceiver, ReplySender
+from confide.schemas.sev_snp import SnpTrustPolicy, TcbVersion
 
 PROPERTY_SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -64,6 +67,7 @@ DECODERS: dict[str, Callable[[bytes], object]] = {
     "chunk_body_not_final": lambda data: ChunkBody.from_padded(data, final=False),
     "attestation_body": AttestationBody.from_bytes,
     "attestation_document": SignedDocument.from_wire,
+    "hardware_document": HardwareDocument.from_wire,
     "key_release": KeyRelease.from_wire,
     "generation_params": lambda data: GenerationParams.from_map(codec.decode(data, 4096)),
     "codec": lambda data: codec.decode(data, 64 * 1024),
@@ -160,6 +164,19 @@ attestation_bodies = st.builds(
     model=st.text(max_size=60),
 )
 signed_documents = st.builds(SignedDocument, body=st.binary(min_size=1, max_size=600), signature=keys(crypto.SIGNATURE_SIZE))
+hardware_documents = st.builds(
+    HardwareDocument,
+    platform=st.sampled_from(sorted(HARDWARE_PLATFORMS)),
+    purpose=st.sampled_from(sorted(PURPOSES)),
+    key=keys(crypto.KEY_SIZE),
+    measurement=keys(32),
+    model=st.text(max_size=40),
+    issued_at=st.integers(0, 2**40),
+    expires_at=st.integers(0, 2**40),
+    report=st.binary(min_size=1, max_size=1200),
+    certificates=st.lists(st.binary(min_size=1, max_size=200), max_size=3).map(tuple),
+    dev_mode=st.booleans(),
+)
 key_releases = st.builds(KeyRelease, sealed=keys(crypto.SEAL_OVERHEAD + crypto.KEY_SIZE))
 
 
@@ -307,10 +324,11 @@ def test_codec_decode_any_limit(data, max_size):
 
 
 @PROPERTY_SETTINGS
-@given(data=st.binary(max_size=1024) | signed_documents.map(SignedDocument.to_wire))
+@given(data=st.binary(max_size=1024) | signed_documents.map(SignedDocument.to_wire) | hardware_documents.map(HardwareDocument.to_wire))
 def test_attestation_verify_random_document(data):
-    """Verifying arbitrary bytes as an attestation document raises AttestationError only."""
-    policy = TrustPolicy({"simulated": bytes(32)}, frozenset({bytes(32)}), allow_simulated=True)
+    """Verifying arbitrary bytes as either kind of attestation document raises AttestationError only."""
+    snp = SnpTrustPolicy(ark=make_amd_root().ark, launch_measurements=frozenset({bytes(48)}), minimum_tcb=TcbVersion(0, 0, 0, 0))
+    policy = TrustPolicy({"simulated": bytes(32)}, frozenset({bytes(32)}), allow_simulated=True, sev_snp=snp)
 
     with pytest.raises(AttestationError):
         verify_document(data, policy, purpose="pool")
@@ -382,6 +400,13 @@ def test_attestation_body_round_trip(body):
 def test_signed_document_round_trip(document):
     """A signed document decodes to its body and signature."""
     assert SignedDocument.from_wire(document.to_wire()) == document
+
+
+@PROPERTY_SETTINGS
+@given(document=hardware_documents)
+def test_hardware_document_round_trip(document):
+    """A hardware document decodes to its claims, report and certificates."""
+    assert HardwareDocument.from_wire(document.to_wire()) == document
 
 
 @PROPERTY_SETTINGS

@@ -1,4 +1,4 @@
-"""Tests of the SEV-SNP report verifier in clients/sev_snp.py.
+"""Tests of the SEV-SNP report verifier in schemas/sev_snp.py.
 
 No SEV-SNP hardware or AMD certificate is available here: every root, chain
 and report comes from tests/sev_snp_fakes.py, which builds them with the
@@ -9,6 +9,7 @@ builders and with the published layout, not that it accepts a real report.
 from __future__ import annotations
 
 import datetime
+from dataclasses import replace
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import padding
@@ -25,17 +26,20 @@ from sev_snp_fakes import (
     sign_report,
 )
 
-from confide.clients import sev_snp
-from confide.clients.sev_snp import (
+from confide.schemas import sev_snp
+from confide.schemas.sev_snp import (
     REPORT_SIZE,
     SnpTrustPolicy,
     TcbVersion,
     parse_report,
     verify_certificate_chain,
-    verify_hardware_document,
     verify_report,
 )
 from confide.errors import AttestationError
+from confide.schemas import crypto
+from confide.schemas.attestation import TrustPolicy, verify_document, verify_with_steps
+from confide.schemas.codec import encode
+from confide.schemas.messages import AttestationBody, SignedDocument
 from confide.schemas.hardware import HardwareDocument
 
 REPORT_DATA = bytes(range(100, 164))
@@ -53,7 +57,6 @@ def policy(firmware) -> SnpTrustPolicy:
     return SnpTrustPolicy(
         ark=firmware.root.ark,
         launch_measurements=frozenset({LAUNCH_MEASUREMENT}),
-        runtime_measurements=frozenset({RUNTIME_MEASUREMENT}),
         minimum_tcb=TcbVersion(boot_loader=3, tee=0, snp=8, microcode=100),
     )
 
@@ -204,7 +207,7 @@ def test_unknown_measurement_rejected(firmware, policy):
 
 def test_empty_measurement_set_rejected(firmware, policy, good_report):
     """A policy with no launch measurements fails: there is nothing to compare."""
-    empty = SnpTrustPolicy(policy.ark, frozenset(), policy.runtime_measurements, policy.minimum_tcb)
+    empty = SnpTrustPolicy(policy.ark, frozenset(), policy.minimum_tcb)
 
     with pytest.raises(AttestationError, match="no allowed SEV-SNP launch measurements"):
         verify_report(good_report, firmware.chain, empty, REPORT_DATA)
@@ -219,7 +222,7 @@ def test_missing_expected_report_data_rejected(firmware, policy, good_report):
 
 def test_missing_pinned_ark_rejected(firmware, policy, good_report):
     """A policy without an ARK fails: no chain can end anywhere."""
-    unpinned = SnpTrustPolicy(b"", policy.launch_measurements, policy.runtime_measurements, policy.minimum_tcb)
+    unpinned = SnpTrustPolicy(b"", policy.launch_measurements, policy.minimum_tcb)
 
     with pytest.raises(AttestationError, match="no AMD root key"):
         verify_report(good_report, firmware.chain, unpinned, REPORT_DATA)
@@ -439,7 +442,7 @@ def test_missing_vcek_extension_rejected(firmware, policy, extension):
         verify_report(report, (vcek, firmware.root.ask), policy, REPORT_DATA)
 
 
-# -- hardware documents -------------------------------------------------------------------------------------
+# -- hardware documents through the shared verifier ------------------------------------------------------
 
 
 def make_document(firmware: FakeSnpFirmware, **overrides: object) -> HardwareDocument:
@@ -460,16 +463,26 @@ def make_document(firmware: FakeSnpFirmware, **overrides: object) -> HardwareDoc
     return HardwareDocument(**{**claims, "report": report})
 
 
-def test_document_verifies(firmware, policy):
-    """A document whose report binds its claims verifies and is returned."""
+@pytest.fixture(scope="module")
+def trust(policy) -> TrustPolicy:
+    """A device policy that pins only the SEV-SNP root and allows the runtime measurement."""
+    return TrustPolicy(platform_keys={}, measurements=frozenset({RUNTIME_MEASUREMENT}), sev_snp=policy)
+
+
+def test_document_verifies(firmware, trust):
+    """A document whose report binds its claims verifies, and each step is reported."""
     document = make_document(firmware)
+    steps = []
 
-    verified = verify_hardware_document(document.to_wire(), policy, "pool", now=ISSUED_AT + 60)
+    verified = verify_with_steps(document.to_wire(), trust, "pool", now=ISSUED_AT + 60, report=lambda step, detail: steps.append((step, detail)))
 
-    assert verified == document
+    assert verified.body == document.claims()
+    assert verified.body.key == document.key
+    assert [step for step, _ in steps] == ["document", "signature", "platform", "measurement", "freshness", "key"]
+    assert "SEV-SNP" in dict(steps)["platform"] and "SIMULATED" not in dict(steps)["platform"]
 
 
-def test_document_changed_claim_rejected(firmware, policy):
+def test_document_changed_claim_rejected(firmware, trust):
     """Changing any claim after the report was made breaks the key binding."""
     document = make_document(firmware)
     changes = {
@@ -479,59 +492,87 @@ def test_document_changed_claim_rejected(firmware, policy):
         "expires_at": ISSUED_AT + 7200,
         "purpose": "join",
         "measurement": bytes(32),
+        "dev_mode": True,
     }
 
     for name, value in changes.items():
         changed = HardwareDocument(**{**document.__dict__, name: value})
         with pytest.raises(AttestationError, match="report data does not match"):
-            verify_hardware_document(changed.to_wire(), policy, "pool", now=ISSUED_AT + 60)
+            verify_document(changed.to_wire(), trust, "pool", now=ISSUED_AT + 60)
 
 
-def test_document_unknown_runtime_measurement_rejected(firmware, policy):
+def test_document_unknown_runtime_measurement_rejected(firmware, trust):
     """A document that binds a confide measurement outside the policy fails."""
     document = make_document(firmware, measurement=bytes(32))
 
-    with pytest.raises(AttestationError, match="confide measurement 0000.* is not in the allowed set"):
-        verify_hardware_document(document.to_wire(), policy, "pool", now=ISSUED_AT + 60)
+    with pytest.raises(AttestationError, match="measurement 0000.* is not in the allowed set"):
+        verify_document(document.to_wire(), trust, "pool", now=ISSUED_AT + 60)
 
 
-def test_document_freshness_and_purpose_checked(firmware, policy):
+def test_document_dev_mode_rejected_unless_allowed(firmware, trust):
+    """A development-mode worker's report binds the flag, and the device refuses it without --allow-dev."""
+    document = make_document(firmware, dev_mode=True)
+
+    with pytest.raises(AttestationError, match="development mode"):
+        verify_document(document.to_wire(), trust, "pool", now=ISSUED_AT + 60)
+    assert verify_document(document.to_wire(), replace(trust, allow_dev=True), "pool", now=ISSUED_AT + 60).dev_mode
+
+
+def test_document_freshness_and_purpose_checked(firmware, trust):
     """A stale, future, expired or wrong-purpose document fails with its own message."""
-    document = make_document(firmware)
-    wire = document.to_wire()
+    wire = make_document(firmware).to_wire()
 
     with pytest.raises(AttestationError, match="stale"):
-        verify_hardware_document(wire, policy, "pool", now=ISSUED_AT + 3600 + 121)
+        verify_document(wire, trust, "pool", now=ISSUED_AT + 3600 + 121)
     with pytest.raises(AttestationError, match="in the future"):
-        verify_hardware_document(wire, policy, "pool", now=ISSUED_AT - 121)
+        verify_document(wire, trust, "pool", now=ISSUED_AT - 121)
     with pytest.raises(AttestationError, match="binds a 'pool' key, expected 'join'"):
-        verify_hardware_document(wire, policy, "join", now=ISSUED_AT + 60)
+        verify_document(wire, trust, "join", now=ISSUED_AT + 60)
     short_lived = make_document(firmware, expires_at=ISSUED_AT + 10)
     with pytest.raises(AttestationError, match="expired"):
-        verify_hardware_document(short_lived.to_wire(), policy, "pool", now=ISSUED_AT + 200)
+        verify_document(short_lived.to_wire(), trust, "pool", now=ISSUED_AT + 200)
 
 
-def test_document_without_certificates_rejected(firmware, policy):
+def test_document_without_certificates_rejected(firmware, trust):
     """A document without a VCEK and ASK fails, because nothing can be fetched."""
     document = make_document(firmware, certificates=())
 
     with pytest.raises(AttestationError, match="carries 0 certificate"):
-        verify_hardware_document(document.to_wire(), policy, "pool", now=ISSUED_AT + 60)
+        verify_document(document.to_wire(), trust, "pool", now=ISSUED_AT + 60)
 
 
-def test_document_other_platform_or_malformed_rejected(firmware, policy):
+def test_document_other_platform_or_malformed_rejected(firmware, trust):
     """A TDX document and bytes that are no document both fail clearly."""
     tdx = HardwareDocument("tdx", "pool", bytes(32), RUNTIME_MEASUREMENT, "m", ISSUED_AT, ISSUED_AT + 60, b"quote")
+    malformed = encode({"v": 1, "type": "hardware_attestation", "platform": "sev-snp"})
 
-    with pytest.raises(AttestationError, match="SEV-SNP documents only, got platform 'tdx'"):
-        verify_hardware_document(tdx.to_wire(), policy, "pool", now=ISSUED_AT)
-    with pytest.raises(AttestationError, match="malformed"):
-        verify_hardware_document(b"\x81\xa1v\x01", policy, "pool", now=ISSUED_AT)
+    with pytest.raises(AttestationError, match="cannot verify 'tdx' reports"):
+        verify_document(tdx.to_wire(), trust, "pool", now=ISSUED_AT)
+    with pytest.raises(AttestationError, match="hardware attestation document is malformed"):
+        verify_document(malformed, trust, "pool", now=ISSUED_AT)
 
 
-def test_document_empty_runtime_measurements_rejected(firmware, policy):
-    """A policy with no confide measurements fails: there is nothing to compare."""
-    empty = SnpTrustPolicy(**{**policy.__dict__, "runtime_measurements": frozenset()})
+def test_document_without_pinned_root_rejected(firmware, trust):
+    """A device whose policy pins no AMD root refuses SEV-SNP documents: nothing to compare is a failure."""
+    unpinned = replace(trust, sev_snp=None)
 
-    with pytest.raises(AttestationError, match="no allowed confide measurements"):
-        verify_hardware_document(make_document(firmware).to_wire(), empty, "pool", now=ISSUED_AT + 60)
+    with pytest.raises(AttestationError, match="pins no AMD root"):
+        verify_document(make_document(firmware).to_wire(), unpinned, "pool", now=ISSUED_AT + 60)
+
+
+def test_document_empty_measurements_rejected(firmware, trust):
+    """A policy with no confide measurements and no log fails: there is nothing to compare."""
+    empty = replace(trust, measurements=frozenset())
+
+    with pytest.raises(AttestationError, match="lists no allowed measurements"):
+        verify_document(make_document(firmware).to_wire(), empty, "pool", now=ISSUED_AT + 60)
+
+
+def test_simulated_document_is_not_accepted_by_sev_snp_root(firmware, trust):
+    """A simulated document fails against a policy that pins only the SEV-SNP root."""
+    platform_key = crypto.SigningKey.generate()
+    body = AttestationBody("simulated", True, RUNTIME_MEASUREMENT, "pool", bytes(32), ISSUED_AT, ISSUED_AT + 60, "m").to_bytes()
+    wire = SignedDocument(body, platform_key.sign(body)).to_wire()
+
+    with pytest.raises(AttestationError, match="no pinned root key for platform 'simulated'"):
+        verify_document(wire, trust, "pool", now=ISSUED_AT)

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from sev_snp_fakes import ARK_GUID, ASK_GUID, LAUNCH_MEASUREMENT, VCEK_GUID, FakeSnpFirmware, certificate_table
 
-from confide.clients.sev_snp import SnpTrustPolicy, TcbVersion, verify_hardware_document
+from confide.schemas.attestation import TrustPolicy, verify_document
+from confide.schemas.sev_snp import SnpTrustPolicy, TcbVersion
 from confide.errors import DecodeError, TeeError
 from confide.schemas.codec import decode, encode
 from confide.schemas.hardware import HardwareDocument, report_data_for
@@ -132,15 +133,11 @@ def test_attest_returns_claims_and_chain(kernel, firmware, tmp_path):
 
 def test_attested_document_verifies_end_to_end(kernel, firmware, tmp_path):
     """The document survives the wire and passes the client's SEV-SNP verifier."""
-    policy = SnpTrustPolicy(
-        ark=firmware.root.ark,
-        launch_measurements=frozenset({LAUNCH_MEASUREMENT}),
-        runtime_measurements=frozenset({MEASUREMENT}),
-        minimum_tcb=TcbVersion(0, 0, 0, 0),
-    )
+    snp = SnpTrustPolicy(ark=firmware.root.ark, launch_measurements=frozenset({LAUNCH_MEASUREMENT}), minimum_tcb=TcbVersion(0, 0, 0, 0))
+    policy = TrustPolicy(platform_keys={}, measurements=frozenset({MEASUREMENT}), sev_snp=snp)
     wire = attest(KernelBackedTee(kernel, tmp_path)).to_wire()
 
-    verified = verify_hardware_document(wire, policy, "pool", now=NOW + 30)
+    verified = verify_document(wire, policy, "pool", now=NOW + 30)
 
     assert verified.key == POOL_KEY
 

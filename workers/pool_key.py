@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import anyio
 import nats.errors
@@ -43,7 +43,9 @@ from confide.errors import AttestationError, AuthenticationError, DecodeError, P
 from confide.schemas import crypto, subjects
 from confide.schemas.attestation import TrustPolicy, verify_document
 from confide.schemas.codec import encode
+from confide.schemas.hardware import HardwareDocument
 from confide.schemas.messages import AttestationBody, KeyRelease, ReleaseEvidence, SignedDocument, key_id_for
+from confide.schemas.sev_snp import SnpTrustPolicy
 from confide.workers.epochs import Epoch, EpochRing
 from confide.workers.tee import TeeBackend
 
@@ -55,6 +57,18 @@ JOIN_ROUNDS = 5
 REFUSAL = encode({"v": 1, "type": "key_release_refused"})
 
 
+@dataclass(frozen=True)
+class PlatformRoots:
+    """The roots pool members verify each other's documents against.
+
+    `platform_keys` pins the simulated root's Ed25519 key; `sev_snp` pins
+    AMD's root, the minimum TCB and the member's own launch measurement.
+    """
+
+    platform_keys: dict[str, bytes] = field(default_factory=dict)
+    sev_snp: SnpTrustPolicy | None = None
+
+
 @dataclass
 class PoolIdentity:
     tee: TeeBackend
@@ -64,14 +78,15 @@ class PoolIdentity:
     dev_mode: bool = False
     release: ReleaseEvidence | None = None
 
-    def member_policy(self, platform_key: bytes) -> TrustPolicy:
+    def member_policy(self, roots: PlatformRoots) -> TrustPolicy:
         """Accept joiners on our own platform root running exactly our measurement."""
         return TrustPolicy(
-            platform_keys={self.tee.platform: platform_key},
+            platform_keys=roots.platform_keys,
             measurements=frozenset({self.measurement}),
             allow_simulated=self.tee.simulated,
             allow_dev=self.dev_mode,
             max_age_s=self.attestation_lifetime_s,
+            sev_snp=roots.sev_snp,
         )
 
 
@@ -91,13 +106,13 @@ class PoolKeyHolder:
         nc: NATS,
         kv: KeyValue,
         identity: PoolIdentity,
-        platform_verify_key: bytes,
+        member_policy: TrustPolicy,
         epochs: EpochSettings = EpochSettings(),
     ) -> None:
         self._nc = nc
         self._kv = kv
         self._identity = identity
-        self._policy = identity.member_policy(platform_verify_key)
+        self._policy = member_policy
         self._settings = epochs
         self.ring = EpochRing(epochs.grace_s, epochs.remember_s)
         self._published_at = 0.0
@@ -177,7 +192,7 @@ class PoolKeyHolder:
         except (DecodeError, AuthenticationError):
             raise PoolJoinError(
                 "a pool member rejected the key release request: this worker's measurement "
-                f"({self._identity.measurement.hex()[:16]}...) or platform differs from the pool's; "
+                f"({self._identity.measurement.hex()[:16]}...), platform or guest image differs from the pool's; "
                 "start it with the pool's code, model and --n-ctx, or stop the pool first"
             ) from None
         finally:
@@ -335,5 +350,9 @@ def _published_key_id(unverified: bytes) -> bytes | None:
     """Read the key id a pool document names, without trusting it: only for comparisons."""
     try:
         return AttestationBody.from_bytes(SignedDocument.from_wire(unverified).body).key_id
+    except DecodeError:
+        pass
+    try:
+        return HardwareDocument.from_wire(unverified).key_id
     except DecodeError:
         return None

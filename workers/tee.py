@@ -1,9 +1,10 @@
 """The TEE boundary: a backend signs reports that bind a key to a measurement.
 
-A real backend (configfs-tsm on SEV-SNP or TDX) would ask the CPU for a
-report whose report data contains a hash of the key. The simulated backend
-stands in for the CPU vendor's root of trust with a software Ed25519 key
-and marks every document it signs as simulated.
+Two backends implement it. workers/tee_tsm.py asks the CPU, through Linux's
+configfs-tsm, for a report whose report data is a hash of the key and the
+other claims. The simulated backend here stands in for the CPU vendor's
+root of trust with a software Ed25519 key and marks every document it signs
+as simulated.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 from confide.schemas import crypto
+from confide.schemas.hardware import HardwareDocument
 from confide.schemas.messages import AttestationBody, SignedDocument
 
 log = logging.getLogger("confide.worker.tee")
@@ -25,8 +27,13 @@ class TeeBackend(ABC):
     simulated: bool
 
     @abstractmethod
-    def attest(self, measurement: bytes, purpose: str, key: bytes, model: str, lifetime_s: int, dev_mode: bool = False) -> SignedDocument:
+    def attest(
+        self, measurement: bytes, purpose: str, key: bytes, model: str, lifetime_s: int, dev_mode: bool = False
+    ) -> SignedDocument | HardwareDocument:
         """Return a signed document that binds `key` to this worker's measurement."""
+
+    def close(self) -> None:
+        """Release what the backend holds; the simulated one holds nothing."""
 
 
 class SimulatedTee(TeeBackend):

@@ -1,8 +1,9 @@
 """A TEE backend over Linux's configfs-tsm report interface, for SEV-SNP and TDX guests.
 
 NOTE: no SEV-SNP or TDX hardware was available when this was written. The
-backend has run only against a fake configfs tree that the tests build, never
-in a real confidential VM, and nothing in confide selects it yet.
+backend has run only against a fake configfs tree that the tests build
+(tests/tsm_fakes.py), never in a real confidential VM. `confide worker
+--tee configfs-tsm` selects it.
 
 The kernel ABI (Documentation/ABI/testing/configfs-tsm-report, Linux 6.7
 and later), under /sys/kernel/config/tsm/report:
@@ -87,17 +88,33 @@ class ConfigfsTsmTee(TeeBackend):
         self._lock = threading.Lock()
         self._created_directory = False
 
-    def attest(self, measurement: bytes, purpose: str, key: bytes, model: str, lifetime_s: int) -> HardwareDocument:
+    @classmethod
+    def open(cls, configfs_root: Path = DEFAULT_CONFIGFS_ROOT, report_name: str | None = None) -> ConfigfsTsmTee:
+        """Create the report instance and return a backend for the platform its provider names.
+
+        Raises TeeError when configfs-tsm is missing or its provider is unknown.
+        """
+        probe = cls("sev-snp", configfs_root, report_name)
+        probe._open_report_directory()
+        provider = probe._read_attribute("provider").decode("ascii", "replace").strip()
+        platforms = {name: platform for platform, name in PROVIDERS.items()}
+        if provider not in platforms:
+            raise TeeError(f"configfs-tsm at {configfs_root} is provided by '{provider}', which confide does not know")
+        backend = cls(platforms[provider], configfs_root, report_name)
+        backend._created_directory = probe._created_directory
+        return backend
+
+    def attest(
+        self, measurement: bytes, purpose: str, key: bytes, model: str, lifetime_s: int, dev_mode: bool = False
+    ) -> HardwareDocument:
         """Ask the CPU for a report that binds `key` and the other claims, and return the document.
 
         Raises TeeError when configfs-tsm is missing, names another provider,
         keeps changing under a concurrent writer, or returns an unusable report.
-        TeeBackend declares SignedDocument as the result; HardwareDocument has
-        the same to_wire() that the worker publishes.
         """
         issued_at = int(self._clock())
         expires_at = issued_at + lifetime_s
-        report_data = report_data_for(self.platform, purpose, key, measurement, model, issued_at, expires_at)
+        report_data = report_data_for(self.platform, purpose, key, measurement, model, issued_at, expires_at, dev_mode)
 
         with self._lock:
             report, auxblob = self._request_report(report_data)
@@ -113,6 +130,7 @@ class ConfigfsTsmTee(TeeBackend):
             expires_at=expires_at,
             report=report,
             certificates=certificates,
+            dev_mode=dev_mode,
         )
 
     def close(self) -> None:

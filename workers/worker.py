@@ -15,17 +15,21 @@ from nats.aio.client import Client as NATS
 from confide.broker_config.credentials import load_user_credentials, tls_context
 from confide.broker_config.permissions import WORKER_INBOX_PREFIX
 from confide.broker_config.topology import Topology, ensure_topology
-from confide.errors import ConfideError
-from confide.schemas import subjects
+from confide.errors import AttestationError, ConfideError, TeeError, TransparencyError, WorkerStartError
+from confide.schemas import crypto, subjects
+from confide.schemas.attestation import TrustPolicy
+from confide.schemas.messages import ReleaseEvidence
+from confide.schemas.sev_snp import SnpTrustPolicy, parse_report, verify_report
 from confide.workers.engine import Engine, EngineSettings
 from confide.workers.job import JobRunner, JobSettings
 from confide.workers.measurement import measure
-from confide.errors import TransparencyError, WorkerStartError
-from confide.schemas.messages import ReleaseEvidence
-from confide.workers.pool_key import EpochSettings, PoolIdentity, PoolKeyHolder
+from confide.workers.pool_key import EpochSettings, PlatformRoots, PoolIdentity, PoolKeyHolder
 from confide.workers.release_evidence import find_evidence
 from confide.workers.stats import WorkerStats
-from confide.workers.tee import SimulatedTee, load_platform_key
+from confide.workers.tee import SimulatedTee, TeeBackend, load_platform_key
+from confide.workers.tee_tsm import DEFAULT_CONFIGFS_ROOT, ConfigfsTsmTee
+
+TEE_BACKENDS = ("simulated", "configfs-tsm")
 
 log = logging.getLogger("confide.worker")
 
@@ -33,7 +37,8 @@ log = logging.getLogger("confide.worker")
 @dataclass(frozen=True)
 class WorkerSettings:
     broker_url: str
-    platform_key_path: Path
+    # The simulated platform's root key; only the "simulated" backend reads it.
+    platform_key_path: Path | None
     engine: EngineSettings
     jobs: JobSettings = field(default_factory=JobSettings)
     topology: Topology = field(default_factory=Topology)
@@ -50,17 +55,36 @@ class WorkerSettings:
     tls_ca: Path | None = None
     stats_path: Path | None = None
     stats_interval_s: float = 5.0
+    # "simulated" or "configfs-tsm" (an SEV-SNP guest). The hardware backend
+    # needs `sev_snp`, the AMD root and TCB minimum it checks its peers against.
+    tee: str = "simulated"
+    configfs_root: Path = DEFAULT_CONFIGFS_ROOT
+    tsm_report_name: str | None = None
+    sev_snp: SnpTrustPolicy | None = None
 
 
 async def run_worker(settings: WorkerSettings, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
     """Run one worker until cancelled; signals `task_status` once it takes jobs."""
-    platform_key = load_platform_key(settings.platform_key_path)
-    tee = SimulatedTee(platform_key)
-    log.info("loading model %s", settings.engine.model_path.name)
-    engine = await anyio.to_thread.run_sync(Engine, settings.engine)
     measurement = await anyio.to_thread.run_sync(measure, settings.engine.model_path, settings.engine.measured())
-    log.info("measurement %s platform=%s simulated=%s", measurement.hex(), tee.platform, tee.simulated)
+    # The TEE opens before the model loads, so a worker that cannot attest fails in seconds.
+    tee, roots = await anyio.to_thread.run_sync(_open_tee, settings, measurement)
+    try:
+        log.info("measurement %s platform=%s simulated=%s", measurement.hex(), tee.platform, tee.simulated)
+        log.info("loading model %s", settings.engine.model_path.name)
+        engine = await anyio.to_thread.run_sync(Engine, settings.engine)
+        await _serve(settings, engine, tee, roots, measurement, task_status)
+    finally:
+        _close_tee(tee)
 
+
+async def _serve(
+    settings: WorkerSettings,
+    engine: Engine,
+    tee: TeeBackend,
+    roots: PlatformRoots,
+    measurement: bytes,
+    task_status: anyio.abc.TaskStatus[None],
+) -> None:
     nc = await _connect(settings)
     try:
         js = nc.jetstream()
@@ -68,7 +92,7 @@ async def run_worker(settings: WorkerSettings, *, task_status: anyio.abc.TaskSta
         kv = await js.key_value(subjects.POOL_BUCKET)
         release = await _release_evidence(js, measurement, settings)
         identity = PoolIdentity(tee, measurement, engine.model_name, settings.attestation_lifetime_s, settings.dev_mode, release)
-        pool = PoolKeyHolder(nc, kv, identity, platform_key.verify_key, settings.epochs)
+        pool = PoolKeyHolder(nc, kv, identity, identity.member_policy(roots), settings.epochs)
         how = await pool.join_or_create()
         log.info("pool key %s (%s)", "joined from a pool member" if how == "joined" else "created", how)
 
@@ -99,6 +123,71 @@ async def run_worker(settings: WorkerSettings, *, task_status: anyio.abc.TaskSta
     finally:
         with anyio.CancelScope(shield=True):
             await nc.close()
+
+
+def _open_tee(settings: WorkerSettings, measurement: bytes) -> tuple[TeeBackend, PlatformRoots]:
+    """Open the configured TEE backend; return it with the roots its pool members verify each other against."""
+    if settings.tee == "simulated":
+        if settings.platform_key_path is None:
+            raise WorkerStartError("the simulated TEE needs its platform key file")
+        platform_key = load_platform_key(settings.platform_key_path)
+        return SimulatedTee(platform_key), PlatformRoots(platform_keys={"simulated": platform_key.verify_key})
+    if settings.tee != "configfs-tsm":
+        raise WorkerStartError(f"unknown TEE backend '{settings.tee}', expected one of {', '.join(TEE_BACKENDS)}")
+
+    try:
+        tee = ConfigfsTsmTee.open(settings.configfs_root, settings.tsm_report_name)
+    except TeeError as exc:
+        raise WorkerStartError(str(exc)) from None
+    try:
+        launch_policy = _check_own_report(tee, settings, measurement)
+    except BaseException:
+        _close_tee(tee)
+        raise
+    return tee, PlatformRoots(sev_snp=launch_policy)
+
+
+def _close_tee(tee: TeeBackend) -> None:
+    try:
+        tee.close()
+    except TeeError as exc:
+        log.warning("%s", exc)
+
+
+def _check_own_report(tee: ConfigfsTsmTee, settings: WorkerSettings, measurement: bytes) -> SnpTrustPolicy:
+    """Verify a report of our own as a client would, so a worker that no one can trust fails at start.
+
+    Return the policy pool members hold each other to: the pinned AMD root,
+    the minimum TCB and exactly this worker's launch measurement.
+    """
+    if tee.platform != "sev-snp":
+        raise WorkerStartError(
+            f"this guest's configfs-tsm reports are {tee.platform} reports, which confide cannot verify yet; "
+            "only SEV-SNP guests can run a hardware worker"
+        )
+    if settings.sev_snp is None:
+        raise WorkerStartError(
+            "the trust policy has no sev_snp section, so this worker cannot check its own report or its peers': "
+            "pin AMD's root with 'confide trust pin-sev-snp'"
+        )
+    try:
+        # A throwaway key: this report is checked here and never published.
+        probe = tee.attest(measurement, "join", crypto.KeyPair.generate().public, settings.engine.model_path.name, 60)
+        launch_measurement = parse_report(probe.report).measurement
+        own = replace(settings.sev_snp, launch_measurements=frozenset({launch_measurement}))
+        report = verify_report(probe.report, probe.certificates, own, probe.report_data())
+    except (TeeError, AttestationError) as exc:
+        raise WorkerStartError(f"this worker's own SEV-SNP report does not verify: {exc}") from None
+
+    log.info("SEV-SNP report verified: launch measurement %s, TCB (%s)", launch_measurement.hex(), report.reported_tcb)
+    if launch_measurement not in settings.sev_snp.launch_measurements:
+        if not settings.dev_mode:
+            raise WorkerStartError(
+                f"this guest's launch measurement {launch_measurement.hex()} is not in the trust policy's sev_snp "
+                "launch_measurements, so clients would refuse it; add it, or start the worker with --dev"
+            )
+        log.warning("DEVELOPMENT MODE: this guest's launch measurement is not in the trust policy; clients refuse it")
+    return own
 
 
 async def _connect(settings: WorkerSettings) -> NATS:

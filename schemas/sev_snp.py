@@ -1,4 +1,4 @@
-"""Verification of AMD SEV-SNP attestation reports and of the hardware documents that carry them.
+"""Verification of AMD SEV-SNP attestation reports; schemas/attestation.py applies it to hardware documents.
 
 NOTE: no SEV-SNP hardware and no AMD certificate was available when this
 module was written. It has run only against a root, a certificate chain
@@ -39,7 +39,7 @@ import datetime
 import struct
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -48,9 +48,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import SignatureAlgorithmOID
 
-from confide.errors import AttestationError, DecodeError
+from confide.errors import AttestationError
 from confide.schemas import crypto
-from confide.schemas.hardware import REPORT_DATA_SIZE, HardwareDocument
+from confide.schemas.hardware import REPORT_DATA_SIZE
 
 REPORT_SIZE = 0x4A0
 SIGNED_SIZE = 0x2A0
@@ -107,6 +107,9 @@ class TcbVersion:
     def to_bytes(self) -> bytes:
         return bytes([self.boot_loader, self.tee, 0, 0, 0, 0, self.snp, self.microcode])
 
+    def __str__(self) -> str:
+        return f"boot loader {self.boot_loader}, TEE {self.tee}, SNP {self.snp}, microcode {self.microcode}"
+
     def meets(self, minimum: TcbVersion) -> bool:
         """Return whether every component is at least the minimum's."""
         return (
@@ -154,24 +157,22 @@ class SnpReport:
 
 @dataclass(frozen=True)
 class SnpTrustPolicy:
-    """The pinned AMD root and the values a client accepts from SEV-SNP workers.
+    """The pinned AMD root and the report values a verifier accepts from SEV-SNP workers.
 
-    `ark` is the DER certificate of the AMD root key the client pins.
-    `launch_measurements` are the allowed 48-byte SNP launch digests and
-    `runtime_measurements` the allowed 32-byte confide measurements that
-    a hardware document claims. `minimum_tcb` is the lowest TCB accepted:
-    pass TcbVersion(0, 0, 0, 0) to accept any TCB AMD issued a VCEK for.
+    `ark` is the DER certificate of the AMD root key the verifier pins.
+    `launch_measurements` are the allowed 48-byte SNP launch digests of the
+    guest image. `minimum_tcb` is the lowest TCB accepted: pass
+    TcbVersion(0, 0, 0, 0) to accept any TCB AMD issued a VCEK for. The
+    confide measurement a document claims, its freshness and its purpose are
+    checked by schemas/attestation.py, as for every platform.
     """
 
-    ark: bytes
+    ark: bytes = field(repr=False)
     launch_measurements: frozenset[bytes]
-    runtime_measurements: frozenset[bytes]
     minimum_tcb: TcbVersion
     vmpl: int = 0
     allow_debug: bool = False
     allow_migration_agent: bool = False
-    max_age_s: int = 3600
-    clock_skew_s: int = 120
 
 
 # -- parsing ---------------------------------------------------------------------------
@@ -405,44 +406,3 @@ def _check_signature(vcek: x509.Certificate, report: SnpReport) -> None:
         public_key.verify(encode_dss_signature(report.signature_r, report.signature_s), report.signed_bytes, ec.ECDSA(hashes.SHA384()))
     except InvalidSignature:
         raise AttestationError("the SEV-SNP report signature does not verify under the VCEK") from None
-
-
-# -- the hardware document ------------------------------------------------------------------------
-
-
-def verify_hardware_document(
-    unverified_wire: bytes,
-    policy: SnpTrustPolicy,
-    purpose: str,
-    now: float | None = None,
-) -> HardwareDocument:
-    """Verify a HardwareDocument from an SEV-SNP worker and return it.
-
-    The report must verify (verify_report) with report data equal to the
-    hash of the document's claims. Then the claimed confide measurement
-    must be allowed, the document fresh, and its purpose the expected one.
-    """
-    now = time.time() if now is None else now
-    if not policy.runtime_measurements:
-        raise AttestationError("the trust policy lists no allowed confide measurements, so nothing can be compared")
-
-    try:
-        unverified = HardwareDocument.from_wire(unverified_wire)
-    except DecodeError as exc:
-        raise AttestationError(f"the hardware attestation document is malformed ({exc.reason})") from None
-    if unverified.platform != "sev-snp":
-        raise AttestationError(f"this verifier handles SEV-SNP documents only, got platform '{unverified.platform}'")
-    verify_report(unverified.report, unverified.certificates, policy, unverified.report_data(), now)
-    document = unverified
-
-    if not any(crypto.constant_time_equal(document.measurement, allowed) for allowed in policy.runtime_measurements):
-        raise AttestationError(f"confide measurement {document.measurement.hex()[:16]}... is not in the allowed set")
-    if document.issued_at > now + policy.clock_skew_s:
-        raise AttestationError("the hardware attestation document is dated in the future")
-    if now - document.issued_at > policy.max_age_s + policy.clock_skew_s:
-        raise AttestationError(f"the hardware attestation document is stale: issued {int(now - document.issued_at)} s ago")
-    if document.expires_at < now - policy.clock_skew_s:
-        raise AttestationError("the hardware attestation document has expired")
-    if document.purpose != purpose:
-        raise AttestationError(f"the document binds a '{document.purpose}' key, expected '{purpose}'")
-    return document
