@@ -123,5 +123,5 @@ def _snp_from_json(section: dict) -> SnpTrustPolicy:
 
 
 def _describe(exc: Exception) -> str:
-    # A KeyError's text is only the key's repr; say that it is missing.
+    # A KeyError's text is only the key's repr, so name the problem.
     return f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)

@@ -180,7 +180,8 @@ def test_hardware_worker_refuses_to_start(pool, firmware, snp_trust, tmp_path, r
         hardware_worker(broker.url, pool, tmp_path, "worker", kernels, guest, trust, provider, extra)
 
     lines = [line for line in str(failure.value).splitlines() if line.startswith("confide: ")]
-    assert len(lines) == 1 and message in lines[0], str(failure.value)
+    assert len(lines) == 1, str(failure.value)
+    assert message in lines[0]
     assert "Traceback" not in str(failure.value)
 
 
@@ -208,5 +209,7 @@ def test_trust_pin_sev_snp_writes_the_policy(pool, firmware, tmp_path):
     assert policy.sev_snp.minimum_tcb == TCB
     assert policy.log_key == pool.policy.log_key, "pinning must keep the rest of the policy"
     assert json.loads(trust.read_text())["sev_snp"]["allow_debug"] is False
-    assert short.returncode != 0 and "a launch measurement is 48 bytes" in short.stderr
-    assert bad_tcb.returncode != 0 and "--minimum-tcb must be four numbers" in bad_tcb.stderr
+    assert short.returncode != 0
+    assert "a launch measurement is 48 bytes" in short.stderr
+    assert bad_tcb.returncode != 0
+    assert "--minimum-tcb must be four numbers" in bad_tcb.stderr

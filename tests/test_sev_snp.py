@@ -568,7 +568,7 @@ def test_document_empty_measurements_rejected(firmware, trust):
         verify_document(make_document(firmware).to_wire(), empty, "pool", now=ISSUED_AT + 60)
 
 
-def test_simulated_document_is_not_accepted_by_sev_snp_root(firmware, trust):
+def test_simulated_document_rejected_by_sev_snp_policy(firmware, trust):
     """A simulated document fails against a policy that pins only the SEV-SNP root."""
     platform_key = crypto.SigningKey.generate()
     body = AttestationBody("simulated", True, RUNTIME_MEASUREMENT, "pool", bytes(32), ISSUED_AT, ISSUED_AT + 60, "m").to_bytes()

@@ -3,8 +3,8 @@
 There is no SEV-SNP guest here. In a real guest, writing a report
 instance's inblob makes the kernel ask the secure processor for a report,
 which outblob then returns. FifoTsmKernel gives a worker process the same
-sequence through named pipes: inblob and outblob are FIFOs, and a thread in
-the test process reads each inblob write, bumps generation and writes a
+sequence through named pipes: inblob and outblob are FIFOs. A thread in the
+test process reads each inblob write and bumps generation. It then writes a
 report that tests/sev_snp_fakes.py signs over the written report data.
 provider, generation and auxblob are ordinary files, as the backend only
 reads them. The worker's code path is the one it runs on hardware; only the
@@ -53,7 +53,7 @@ class FifoTsmKernel:
             try:
                 descriptor = os.open(self.directory / name, flags | os.O_NONBLOCK)
             except OSError as exc:
-                if exc.errno != errno.ENXIO:  # nobody waits on this end
+                if exc.errno != errno.ENXIO:  # no process waits on this end
                     raise
                 continue
             os.close(descriptor)
