@@ -879,7 +879,8 @@ async def _verify(access: BrokerAccess, trust_path: Path, log_head: Path) -> Non
         click.echo(f"ok      {step:<13} {detail}")
 
     policy = load_trust(trust_path)
-    report("trust policy", f"{trust_path}: platforms {sorted(policy.platform_keys)}, log key {'pinned' if policy.log_key else 'none'}")
+    platforms = sorted(policy.platform_keys) + (["sev-snp"] if policy.sev_snp is not None else [])
+    report("trust policy", f"{trust_path}: platforms {platforms}, log key {'pinned' if policy.log_key else 'none'}")
     async with await Client.connect(access.url, policy, **access.client_options()) as client:
         report("broker", f"{access.url} reachable")
         kv = await client._js.key_value(subjects.POOL_BUCKET)

@@ -117,6 +117,7 @@ def test_cli_verify_prints_sev_snp_steps(pool, firmware, snp_trust, tmp_path, ru
     )
 
     assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"trust policy .*platforms \['simulated', 'sev-snp'\]", result.stdout)
     assert re.search(r"signature .*SEV-SNP report signed by a VCEK that chains to the pinned ARK", result.stdout)
     assert re.search(r"platform .*hardware TEE: SEV-SNP, launch measurement " + LAUNCH_MEASUREMENT.hex()[:16], result.stdout)
     assert re.search(r"release log .*signed by the pinned log key", result.stdout)
