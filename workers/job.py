@@ -50,6 +50,11 @@ class JobSettings:
     max_deliver: int = 5
 
 
+# About 270 bytes per id in CPython 3.11 (measured with tracemalloc), so about 260 MB at most.
+DEFAULT_REPLAY_ENTRIES = 1_000_000
+EVICTION_LOG_EVERY = 10_000
+
+
 class ReplayGuard:
     """Remembers job ids seen within the acceptance window, with their stream sequence.
 
@@ -57,11 +62,23 @@ class ReplayGuard:
     job id under another sequence is a replay.
     NOTE: per worker process; a replay that reaches another worker of the
     pool is not caught here.
+
+    Anyone can seal jobs to the pool key, so the number of ids is capped:
+    at `max_entries` the oldest id is forgotten before the window ends.
+    That shortens replay protection under a flood of jobs, but turns no
+    other user's job away. `evicted` counts the forgotten ids.
     """
 
-    def __init__(self, window_s: int) -> None:
+    def __init__(self, window_s: int, max_entries: int = DEFAULT_REPLAY_ENTRIES) -> None:
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be at least 1, got {max_entries}")
         self._window_s = window_s
+        self._max_entries = max_entries
         self._seen: OrderedDict[bytes, tuple[int, float]] = OrderedDict()
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        return len(self._seen)
 
     def check_and_remember(self, job_id: bytes, stream_sequence: int, now: float) -> bool:
         while self._seen:
@@ -71,8 +88,16 @@ class ReplayGuard:
             del self._seen[oldest_id]
 
         previous = self._seen.get(job_id)
-        if previous is not None and previous[0] != stream_sequence:
-            return False
+        if previous is not None:
+            return previous[0] == stream_sequence
+        if len(self._seen) >= self._max_entries:
+            self._seen.popitem(last=False)
+            if self.evicted % EVICTION_LOG_EVERY == 0:
+                log.warning(
+                    "replay memory is full at %d job ids: forgetting the oldest before the acceptance window ends "
+                    "(%d forgotten so far)", self._max_entries, self.evicted + 1,
+                )
+            self.evicted += 1
         self._seen[job_id] = (stream_sequence, now)
         return True
 
