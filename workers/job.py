@@ -314,7 +314,7 @@ class JobRunner:
         the queue for a member that has it. Any other key id is unknown.
         """
         if self._pool.is_erased(key_id):
-            notice = self._pool.attest_notice(envelope_digest(message.data))
+            notice = await self._pool.attest_notice(envelope_digest(message.data))
             with anyio.CancelScope(shield=True):
                 await self._js.publish(subjects.reply_subject(envelope_digest(message.data)), notice, stream=subjects.REPLIES_STREAM)
             await self._terminate(message, "expired_key", sequence)

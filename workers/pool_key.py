@@ -28,6 +28,7 @@ joiner can also open jobs queued under the previous key.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -178,8 +179,9 @@ class PoolKeyHolder:
         nothing shows that the member who sent it is attested.
         """
         join_keys = crypto.KeyPair.generate()
-        join_document = self._identity.tee.attest(
-            self._identity.measurement, "join", join_keys.public, self._identity.model, self._identity.attestation_lifetime_s
+        identity = self._identity
+        join_document = await anyio.to_thread.run_sync(
+            identity.tee.attest, identity.measurement, "join", join_keys.public, identity.model, identity.attestation_lifetime_s
         )
         try:
             reply = await self._nc.request(subjects.KEY_RELEASE_SUBJECT, join_document.to_wire(), timeout=JOIN_TIMEOUT_S)
@@ -221,7 +223,7 @@ class PoolKeyHolder:
     async def _create(self, revision: int | None) -> bool:
         now = int(time.time())
         epoch = Epoch(crypto.KeyPair.generate(), now)
-        document = self._attest(epoch.keys.public)
+        document = await self._attest(epoch.keys.public)
         subscription = self._subscription or await self._subscribe()
         try:
             if revision is None:
@@ -239,18 +241,23 @@ class PoolKeyHolder:
         self._published_at = time.monotonic()
         return True
 
-    def _attest(self, pool_public: bytes) -> bytes:
-        return self._signed("pool", pool_public)
+    async def _attest(self, pool_public: bytes) -> bytes:
+        return await self._signed("pool", pool_public)
 
-    def attest_notice(self, subject_key: bytes) -> bytes:
+    async def attest_notice(self, subject_key: bytes) -> bytes:
         """Sign a notice that binds `subject_key` (a digest of a job envelope) to this worker."""
-        return self._signed("notice", subject_key)
+        return await self._signed("notice", subject_key)
 
-    def _signed(self, purpose: str, key: bytes) -> bytes:
+    async def _signed(self, purpose: str, key: bytes) -> bytes:
         """Return a TEE document for `key`, with this worker's release log evidence attached."""
         identity = self._identity
-        document = identity.tee.attest(
-            identity.measurement, purpose, key, identity.model, identity.attestation_lifetime_s, dev_mode=identity.dev_mode
+        # In a thread: a hardware report is a request to the secure processor,
+        # which can take long enough to stall the event loop.
+        document = await anyio.to_thread.run_sync(
+            functools.partial(
+                identity.tee.attest,
+                identity.measurement, purpose, key, identity.model, identity.attestation_lifetime_s, dev_mode=identity.dev_mode,
+            )
         )
         if identity.release is not None:
             document = replace(document, release=identity.release)
@@ -266,7 +273,7 @@ class PoolKeyHolder:
         if published is None or not crypto.constant_time_equal(published, current.key_id):
             return
         try:
-            await self._kv.update(subjects.ATTESTATION_KEY, self._attest(current.keys.public), last=entry.revision)
+            await self._kv.update(subjects.ATTESTATION_KEY, await self._attest(current.keys.public), last=entry.revision)
             self._published_at = time.monotonic()
         except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError):
             pass
