@@ -21,6 +21,7 @@ from typing import Any
 
 from confide.schemas import crypto, reply_keys, subjects
 from confide.schemas.codec import encode
+from confide.schemas.hardware import HardwareDocument, report_data_for
 from confide.schemas.messages import (
     CHUNK_PAD_BLOCK,
     PROTOCOL_VERSION,
@@ -41,6 +42,14 @@ VECTORS_VERSION = 1
 
 # 2026-01-01T00:00:00Z: a multiple of 60, as the reference client rounds timestamps.
 JOB_TIMESTAMP = 1767225600
+# The pool key epochs of the key release vector: the current one was created
+# when the attestation vector was issued, each epoch lasts an hour, and a
+# replaced key stays usable for an hour (the reference worker's defaults).
+EPOCH_LENGTH_S = 3600
+KEY_GRACE_S = 3600
+# A placeholder for a raw hardware report. It is not a valid report of any
+# platform, so a document that carries it decodes but never verifies.
+DUMMY_REPORT = b"\x5a" * 32
 
 
 def fixed_bytes(label: str, size: int = 32) -> bytes:
@@ -59,6 +68,7 @@ def build() -> dict[str, Any]:
         "reply": reply_vector(),
         "error_reply": error_reply_vector(),
         "attestation": attestation_vector(),
+        "hardware_attestation": hardware_attestation_vector(),
         "key_release": key_release_vector(),
     }
 
@@ -292,23 +302,98 @@ def attestation_vector() -> dict[str, Any]:
     }
 
 
+def hardware_attestation_vector() -> dict[str, Any]:
+    """Build an SEV-SNP document's claims, the report data that binds them and the document's bytes."""
+    pool_public = crypto.KeyPair(fixed_bytes("pool secret key")).public
+    claims = {
+        "platform": "sev-snp",
+        "purpose": "pool",
+        "key": pool_public,
+        "measurement": fixed_bytes("measurement"),
+        "model": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "issued_at": JOB_TIMESTAMP - 600,
+        "expires_at": JOB_TIMESTAMP + 3000,
+    }
+    return {
+        "note": (
+            "report_data = BLAKE2b-512, personalization confide:rdata:v1, over report_data_input; "
+            "the report is a 32-byte dummy, so the documents decode but no verifier accepts them"
+        ),
+        "cases": [hardware_attestation_case(claims, dev_mode) for dev_mode in (False, True)],
+    }
+
+
+def hardware_attestation_case(claims: dict[str, Any], dev_mode: bool) -> dict[str, Any]:
+    report_data_input = encode(
+        [
+            "confide-report-data",
+            PROTOCOL_VERSION,
+            claims["platform"],
+            claims["purpose"],
+            claims["key"],
+            claims["measurement"],
+            claims["model"],
+            claims["issued_at"],
+            claims["expires_at"],
+            dev_mode,
+        ]
+    )
+    document = HardwareDocument(**claims, report=DUMMY_REPORT, certificates=(), dev_mode=dev_mode)
+    return {
+        "inputs": _hex_values({**claims, "dev_mode": dev_mode, "report": DUMMY_REPORT, "certs": []}),
+        "provider": document.provider,
+        "key_id": document.key_id.hex(),
+        "report_data_input": report_data_input.hex(),
+        "report_data": report_data_for(**claims, dev_mode=dev_mode).hex(),
+        "document": document.to_wire().hex(),
+    }
+
+
 def key_release_vector() -> dict[str, Any]:
-    """A pool member's answer to a join request: the pool secret key sealed to the joiner's one-time key."""
+    """Build a pool member's response to a join request: its pool key epochs sealed to the joiner's one-time key.
+
+    The member has the current epoch (the pool key of the job vector), the
+    epoch it replaced, still in its grace period, and the key id of an older
+    epoch it has erased.
+    """
     pool = crypto.KeyPair(fixed_bytes("pool secret key"))
+    previous = crypto.KeyPair(fixed_bytes("previous pool secret key"))
+    erased = crypto.KeyPair(fixed_bytes("erased pool secret key"))
     joiner = crypto.KeyPair(fixed_bytes("joining worker one-time secret key"))
     ephemeral_secret = fixed_bytes("key release sealing ephemeral secret key")
-    sealed = crypto.seal_with_ephemeral(pool.secret, joiner.public, ephemeral_secret)
+
+    current_created_at = JOB_TIMESTAMP - 600
+    previous_created_at = current_created_at - EPOCH_LENGTH_S
+    epochs = [
+        {"secret": previous.secret, "created_at": previous_created_at, "erase_at": current_created_at + KEY_GRACE_S},
+        {"secret": pool.secret, "created_at": current_created_at, "erase_at": None},
+    ]
+    payload = encode({"current": key_id_for(pool.public), "epochs": epochs, "erased": [key_id_for(erased.public)]})
+    sealed = crypto.seal_with_ephemeral(payload, joiner.public, ephemeral_secret)
     return {
-        "note": "the joiner opens `sealed` with its one-time key and checks that the result's public key is the attested pool key",
-        "inputs": _hex_values(
-            {
-                "pool_secret": pool.secret,
-                "pool_public": pool.public,
-                "joiner_secret": joiner.secret,
-                "joiner_public": joiner.public,
-                "ephemeral_secret": ephemeral_secret,
-            }
+        "note": (
+            "the joiner opens `sealed` with its one-time key, reads the payload, and checks that one of its "
+            "epochs has the key id of the attested pool key; erased epochs travel as key ids only"
         ),
+        "inputs": {
+            **_hex_values(
+                {
+                    "pool_secret": pool.secret,
+                    "pool_public": pool.public,
+                    "previous_secret": previous.secret,
+                    "previous_public": previous.public,
+                    "erased_secret": erased.secret,
+                    "erased_public": erased.public,
+                    "erased_key_id": key_id_for(erased.public),
+                    "joiner_secret": joiner.secret,
+                    "joiner_public": joiner.public,
+                    "ephemeral_secret": ephemeral_secret,
+                }
+            ),
+            "key_grace_s": KEY_GRACE_S,
+            "epochs": [_hex_values(epoch) for epoch in epochs],
+        },
+        "payload": payload.hex(),
         "sealed": sealed.hex(),
         "message": KeyRelease(sealed).to_wire().hex(),
         "refusal": encode({"v": PROTOCOL_VERSION, "type": "key_release_refused"}).hex(),

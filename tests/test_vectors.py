@@ -16,8 +16,10 @@ from importlib.resources import files
 import msgpack
 import pytest
 
+from confide.errors import AttestationError
 from confide.schemas import crypto, reply_keys, subjects, vectors
 from confide.schemas.attestation import TrustPolicy, verify_document
+from confide.schemas.hardware import HardwareDocument
 from confide.schemas.messages import (
     AttestationBody,
     ChunkBody,
@@ -29,7 +31,10 @@ from confide.schemas.messages import (
     chunk_associated_data,
     key_id_for,
 )
+from confide.schemas.sev_snp import SnpTrustPolicy
+from confide.workers.epochs import Epoch, EpochRing
 from confide.workers.pool_key import REFUSAL
+from sev_snp_fakes import LAUNCH_MEASUREMENT, TCB, make_amd_root
 
 
 def load_vectors() -> dict:
@@ -38,6 +43,7 @@ def load_vectors() -> dict:
 
 VECTORS = load_vectors()
 REPLY_ATTEMPTS = VECTORS["reply"]["attempts"]
+HARDWARE_CASES = VECTORS["hardware_attestation"]["cases"]
 
 
 def unhex(values: dict, *names: str) -> list[bytes]:
@@ -269,18 +275,143 @@ def test_attestation_vector():
     assert verified.key == key
 
 
-def test_key_release_vector():
-    """The released key is the pool secret sealed to the joiner, and libsodium opens it with the joiner's key."""
+@pytest.mark.parametrize("case", HARDWARE_CASES, ids=lambda case: "dev" if case["inputs"]["dev_mode"] else "production")
+def test_hardware_report_data_vector(case):
+    """The report data is BLAKE2b-512 over the msgpack claims array, rebuilt here with msgpack and hashlib."""
+    inputs = case["inputs"]
+    key, measurement = unhex(inputs, "key", "measurement")
+    claims = [
+        "confide-report-data",
+        1,
+        inputs["platform"],
+        inputs["purpose"],
+        key,
+        measurement,
+        inputs["model"],
+        inputs["issued_at"],
+        inputs["expires_at"],
+        inputs["dev_mode"],
+    ]
+    report_data_input = msgpack.packb(claims, use_bin_type=True)
+    report_data = hashlib.blake2b(report_data_input, digest_size=64, person=b"confide:rdata:v1").digest()
+
+    assert report_data_input[:1] == b"\x9a"
+    assert report_data_input[-1:] == (b"\xc3" if inputs["dev_mode"] else b"\xc2")
+    assert bytes.fromhex(case["report_data_input"]) == report_data_input
+    assert bytes.fromhex(case["report_data"]) == report_data
+
+
+@pytest.mark.parametrize("case", HARDWARE_CASES, ids=lambda case: "dev" if case["inputs"]["dev_mode"] else "production")
+def test_hardware_document_vector(case):
+    """The document encodes to the vector's bytes, written here field by field, and decodes back to its claims."""
+    inputs = case["inputs"]
+    key, measurement, report = unhex(inputs, "key", "measurement", "report")
+    key_id = hashlib.blake2b(key, digest_size=8, person=b"confide:keyid:v1").digest()
+    by_hand = {
+        "v": 1,
+        "type": "hardware_attestation",
+        "platform": inputs["platform"],
+        "provider": case["provider"],
+        "purpose": inputs["purpose"],
+        "key": key,
+        "key_id": key_id,
+        "measurement": measurement,
+        "model": inputs["model"],
+        "issued_at": inputs["issued_at"],
+        "expires_at": inputs["expires_at"],
+        "report": report,
+        "certs": [],
+    }
+    if inputs["dev_mode"]:
+        by_hand["dev_mode"] = True
+    document = bytes.fromhex(case["document"])
+    fields = {name: inputs[name] for name in ("platform", "purpose", "model", "issued_at", "expires_at", "dev_mode")}
+
+    assert case["provider"] == {"sev-snp": "sev_guest", "tdx": "tdx_guest"}[inputs["platform"]]
+    assert bytes.fromhex(case["key_id"]) == key_id
+    assert msgpack.packb(by_hand, use_bin_type=True) == document
+    assert HardwareDocument(key=key, measurement=measurement, report=report, **fields).to_wire() == document
+    decoded = HardwareDocument.from_wire(document)
+    assert decoded.report_data() == bytes.fromhex(case["report_data"])
+    assert decoded.key == key
+    assert decoded.report == report
+    assert decoded.certificates == ()
+    assert decoded.dev_mode is inputs["dev_mode"]
+
+
+def test_hardware_document_vector_never_verifies():
+    """The vector's document is rejected without a pinned AMD root, and its dummy report fails the layout check with one."""
+    case = HARDWARE_CASES[0]
+    document = bytes.fromhex(case["document"])
+    measurement = bytes.fromhex(case["inputs"]["measurement"])
+    now = case["inputs"]["issued_at"] + 60
+    snp_policy = SnpTrustPolicy(ark=make_amd_root().ark, launch_measurements=frozenset({LAUNCH_MEASUREMENT}), minimum_tcb=TCB)
+
+    with pytest.raises(AttestationError, match="pins no AMD root"):
+        verify_document(document, TrustPolicy({}, frozenset({measurement})), purpose="pool", now=now)
+    with pytest.raises(AttestationError, match="is 32 bytes, expected 1184"):
+        verify_document(document, TrustPolicy({}, frozenset({measurement}), sev_snp=snp_policy), purpose="pool", now=now)
+
+
+def test_key_release_payload_vector():
+    """The payload is the member's epochs as msgpack, and EpochRing.to_release writes the same bytes."""
     vector = VECTORS["key_release"]
     inputs = vector["inputs"]
-    pool_secret, pool_public, joiner_secret, ephemeral_secret = unhex(inputs, "pool_secret", "pool_public", "joiner_secret", "ephemeral_secret")
+    pool_public, previous_public, erased_secret, erased_key_id = unhex(inputs, "pool_public", "previous_public", "erased_secret", "erased_key_id")
+    previous_epoch, current_epoch = inputs["epochs"]
+    by_hand = msgpack.packb(
+        {
+            "current": hashlib.blake2b(pool_public, digest_size=8, person=b"confide:keyid:v1").digest(),
+            "epochs": [
+                {"secret": bytes.fromhex(epoch["secret"]), "created_at": epoch["created_at"], "erase_at": epoch["erase_at"]}
+                for epoch in inputs["epochs"]
+            ],
+            "erased": [erased_key_id],
+        },
+        use_bin_type=True,
+    )
+    payload = bytes.fromhex(vector["payload"])
+    assert by_hand == payload
+    assert key_id_for(crypto.KeyPair(erased_secret).public) == erased_key_id
+
+    # Rebuild the member's ring in time order. The previous epoch replaces the
+    # oldest one, which is erased when its grace period ends. The current
+    # epoch then replaces the previous one and starts its grace period.
+    grace_s = inputs["key_grace_s"]
+    erased_created_at = previous_epoch["created_at"] - (current_epoch["created_at"] - previous_epoch["created_at"])
+    ring = EpochRing(grace_s=grace_s, remember_s=24 * 3600)
+    ring.install(Epoch(crypto.KeyPair(erased_secret), erased_created_at), erased_created_at, current=True)
+    ring.install(Epoch(crypto.KeyPair(bytes.fromhex(previous_epoch["secret"])), previous_epoch["created_at"]), previous_epoch["created_at"], current=True)
+    assert ring.expire(previous_epoch["created_at"] + grace_s) == [erased_key_id]
+    ring.install(Epoch(crypto.KeyPair(bytes.fromhex(current_epoch["secret"])), current_epoch["created_at"]), current_epoch["created_at"], current=True)
+
+    assert previous_epoch["erase_at"] == current_epoch["created_at"] + grace_s
+    assert ring.current.keys.public == pool_public
+    assert ring.keys_for(key_id_for(previous_public)) is not None
+    assert ring.to_release() == payload
+
+
+def test_key_release_vector():
+    """The payload is sealed to the joiner, libsodium opens it, and the joiner's ring makes the attested key current."""
+    vector = VECTORS["key_release"]
+    inputs = vector["inputs"]
+    pool_public, previous_public, erased_key_id, joiner_secret, ephemeral_secret = unhex(
+        inputs, "pool_public", "previous_public", "erased_key_id", "joiner_secret", "ephemeral_secret"
+    )
     joiner = crypto.KeyPair(joiner_secret)
-    sealed, message = unhex(vector, "sealed", "message")
+    payload, sealed, message = unhex(vector, "payload", "sealed", "message")
 
     assert joiner.public.hex() == inputs["joiner_public"]
-    assert crypto.seal_with_ephemeral(pool_secret, joiner.public, ephemeral_secret) == sealed
+    assert crypto.seal_with_ephemeral(payload, joiner.public, ephemeral_secret) == sealed
     assert KeyRelease(sealed).to_wire() == message
     released = crypto.unseal(KeyRelease.from_wire(message).sealed, joiner)
-    assert released == pool_secret
-    assert crypto.KeyPair(released).public == pool_public
+    assert released == payload
+
+    ring = EpochRing(grace_s=inputs["key_grace_s"], remember_s=24 * 3600)
+    ring.merge_release(released, now=vectors.JOB_TIMESTAMP)
+    assert ring.current is not None
+    assert ring.current.key_id == key_id_for(pool_public)
+    assert ring.keys_for(key_id_for(pool_public)).public == pool_public
+    assert ring.keys_for(key_id_for(previous_public)).public == previous_public
+    assert ring.is_erased(erased_key_id)
     assert bytes.fromhex(vector["refusal"]) == REFUSAL
