@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from confide.schemas import crypto
-from confide.workers.epochs import Epoch, EpochRing
+from confide.workers.epochs import MAX_EPOCHS, MAX_RELEASED_ERASED, Epoch, EpochRing
 
 
 def new_epoch(created_at: int) -> Epoch:
@@ -87,3 +87,25 @@ def test_release_keeps_grace_deadline():
 
     assert joiner.keys_for(previous.key_id) is not None
     assert joiner.expire(now=90) == [previous.key_id]
+
+
+def test_release_of_long_history_fits_and_merges():
+    """A ring with more epochs and erased ids than a release holds sends the newest, and a joiner reads it."""
+    ring = EpochRing(grace_s=0, remember_s=10**6)
+    erased = []
+    for index in range(MAX_RELEASED_ERASED + 40):
+        epoch = new_epoch(index)
+        ring.install(epoch, now=index, current=True)
+        erased += ring.expire(now=index)
+    ring.grace_s = 10**6  # from here on, replaced keys stay live
+    for index in range(1000, 1000 + MAX_EPOCHS + 6):
+        ring.install(new_epoch(index), now=index, current=True)
+    joiner = EpochRing(grace_s=10**6, remember_s=10**6)
+
+    joiner.merge_release(ring.to_release(), now=2000)
+
+    assert len(ring) == MAX_EPOCHS + 7
+    assert len(joiner) == MAX_EPOCHS
+    assert joiner.current.key_id == ring.current.key_id
+    assert all(joiner.is_erased(key_id) for key_id in erased[-MAX_RELEASED_ERASED:])
+    assert not joiner.is_erased(erased[0])

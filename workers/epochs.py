@@ -16,6 +16,7 @@ from confide.schemas.codec import Fields, decode, encode
 from confide.schemas.messages import KEY_ID_SIZE, MAX_DOCUMENT, key_id_for
 
 MAX_EPOCHS = 64
+MAX_RELEASED_ERASED = 4 * MAX_EPOCHS
 
 
 @dataclass
@@ -95,13 +96,25 @@ class EpochRing:
         return current is not None and now - current.created_at >= rotate_every_s
 
     def to_release(self) -> bytes:
-        """Serialise every live epoch's secret, for sealing to an attested joiner."""
+        """Serialise the live epochs' secrets, for sealing to an attested joiner.
+
+        A release holds at most MAX_EPOCHS epochs and MAX_RELEASED_ERASED
+        erased ids, the newest of each, because merge_release() accepts no
+        more. Short epochs with a long grace or memory can exceed either:
+        a joiner then cannot open jobs under the oldest live keys, and
+        answers a job under a forgotten erased key as unknown, not expired.
+        """
         epochs = sorted(self._epochs.values(), key=lambda e: e.created_at)
+        released = epochs[-MAX_EPOCHS:]
+        current = self.current
+        if current is not None and current not in released:
+            released = [current, *released[1:]]
+        newest_erased = sorted(self._erased, key=self._erased.__getitem__)[-MAX_RELEASED_ERASED:]
         return encode(
             {
                 "current": self._current,
-                "epochs": [{"secret": e.keys.secret, "created_at": e.created_at, "erase_at": e.erase_at} for e in epochs],
-                "erased": sorted(self._erased),
+                "epochs": [{"secret": e.keys.secret, "created_at": e.created_at, "erase_at": e.erase_at} for e in released],
+                "erased": sorted(newest_erased),
             }
         )
 
@@ -118,7 +131,7 @@ class EpochRing:
                 entry.integer("erase_at", 0, 2**40) if erase_at is not None else None,
             )
             self.install(epoch, now, current=False)
-        for key_id in fields.array("erased", 4 * MAX_EPOCHS):
+        for key_id in fields.array("erased", MAX_RELEASED_ERASED):
             if isinstance(key_id, bytes) and len(key_id) == KEY_ID_SIZE and key_id not in self._epochs:
                 self._erased.setdefault(key_id, now)
         if current in self._epochs:
