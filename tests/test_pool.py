@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,7 +26,9 @@ from confide.clients.client import Client
 from confide.release import append_release
 from confide.schemas import subjects
 from confide.schemas.attestation import verify_document
-from confide.schemas.messages import ChatMessage, GenerationParams
+from confide.schemas import crypto
+from confide.schemas.messages import ChatMessage, GenerationParams, KeyRelease
+from confide.workers.epochs import Epoch, EpochRing
 from confide.workers.engine import EngineSettings, default_model_path
 from confide.workers.measurement import measure
 
@@ -151,6 +154,55 @@ async def test_joiner_with_other_measurement_refused(pool, tmp_path, running):
 
 def confide(*arguments: str, stdin: str | None = None, timeout_s: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
     return subprocess.run([CONFIDE, *arguments], input=stdin, capture_output=True, text=True, timeout=timeout_s)
+
+
+def start_worker_or_error(*arguments, **options):
+    """Return the started worker, or the RuntimeError that says it exited."""
+    try:
+        return start_worker(*arguments, **options)
+    except RuntimeError as exc:
+        return exc
+
+
+async def test_joiner_rejects_release_without_pool_key(pool, tmp_path, running):
+    """A release from a responder that does not hold the pool's secret key is refused, and the joiner keeps nothing."""
+    broker = start_broker(tmp_path / "broker")
+    running.append(broker.process)
+    member = start_worker(broker.url, pool, tmp_path, "member")
+    running.append(member.process)
+    stop(member.process)
+    document_before = await pool_entry(broker.url)
+
+    # Something that is not a pool member answers the key release request
+    # with keys of its own, sealed to the joiner's attested one-time key.
+    nc = await nats.connect(broker.url)
+    answered = []
+
+    async def answer(message) -> None:
+        # A join document carries no release evidence, so check its measurement against the list.
+        join_key = verify_document(message.data, replace(pool.policy, log_key=None), purpose="join").key
+        rogue = EpochRing(grace_s=3600, remember_s=3600)
+        rogue.install(Epoch(crypto.KeyPair.generate(), int(time.time())), int(time.time()), current=True)
+        answered.append(join_key)
+        await message.respond(KeyRelease(crypto.seal(rogue.to_release(), join_key)).to_wire())
+
+    await nc.subscribe(subjects.KEY_RELEASE_SUBJECT, queue="confide-pool", cb=answer)
+    await nc.flush()
+    try:
+        # In a thread, so this event loop stays free to answer the request.
+        joiner = await anyio.to_thread.run_sync(lambda: start_worker_or_error(broker.url, pool, tmp_path, "joiner"))
+    finally:
+        await nc.close()
+    if not isinstance(joiner, RuntimeError):
+        running.append(joiner.process)
+        pytest.fail("the joiner accepted a release without the pool key")
+    output = (tmp_path / "joiner.log").read_text(errors="replace")
+
+    assert "worker exited with 1" in str(joiner)
+    assert len(answered) == 1
+    assert "confide: the released keys do not include the pool's attested key" in output
+    assert "Traceback" not in output
+    assert await pool_entry(broker.url) == document_before
 
 
 def test_cli_up_status_ask_down(tmp_path, prompts):

@@ -102,7 +102,7 @@ class EpochRing:
         erased ids, the newest of each, because merge_release() accepts no
         more. Short epochs with a long grace or memory can exceed either:
         a joiner then cannot open jobs under the oldest live keys, and
-        answers a job under a forgotten erased key as unknown, not expired.
+        terminates a job under a forgotten erased key as unknown, not expired.
         """
         epochs = sorted(self._epochs.values(), key=lambda e: e.created_at)
         released = epochs[-MAX_EPOCHS:]
@@ -136,6 +136,13 @@ class EpochRing:
                 self._erased.setdefault(key_id, now)
         if current in self._epochs:
             self.make_current(current, now)
+
+    def erase(self) -> None:
+        """Erase every key this ring holds, for a ring that is being dropped."""
+        for epoch in self._epochs.values():
+            epoch.keys.erase()
+        self._epochs.clear()
+        self._current = None
 
     def __len__(self) -> int:
         return len(self._epochs)

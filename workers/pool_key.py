@@ -205,13 +205,22 @@ class PoolKeyHolder:
                 "worker, so the key cannot be checked; see the log line above and start the worker again"
             )
         now = int(time.time())
+        # The responder is not authenticated; holding the secret of the
+        # attested pool key is what shows it is a pool member. So the release
+        # is checked in a scratch ring, and this worker's ring changes only
+        # after the check.
+        candidate = EpochRing(self.ring.grace_s, self.ring.remember_s)
         try:
-            self.ring.merge_release(payload, now)
+            candidate.merge_release(payload, now)
         except (DecodeError, ValueError):
             raise PoolJoinError("a pool member sent an unreadable key release; start the worker again") from None
         wanted = key_id_for(pool_public)
-        if self.ring.keys_for(wanted) is None:
+        released = candidate.keys_for(wanted)
+        if released is None or not crypto.constant_time_equal(released.public, pool_public):
+            candidate.erase()
             raise PoolJoinError("the released keys do not include the pool's attested key; start the worker again")
+        candidate.erase()
+        self.ring.merge_release(payload, now)
         self.ring.make_current(wanted, now)
         if self._subscription is None:
             self._subscription = await self._subscribe()
