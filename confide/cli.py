@@ -508,6 +508,9 @@ async def _stream_reply(client, messages, params) -> str:
             parts.append(event.text)
             click.echo(event.text, nl=False)
             sys.stdout.flush()
+        if event.final and event.finish == "length":
+            # On stderr, so a script that reads the reply from stdout gets only the reply.
+            click.echo(f"\n[the reply reached the token limit ({event.completion_tokens} tokens); raise --max-tokens for more]", err=True, nl=False)
     click.echo()
     return "".join(parts)
 
@@ -765,34 +768,31 @@ def trust() -> None:
 
 @trust.command("pin-sev-snp")
 @state_dir_option
-@click.option("--trust", "trust_path", type=click.Path(dir_okay=False, path_type=Path), help="Trust policy JSON to update [default: STATE_DIR/trust.json].")
-@click.option("--ark", "ark_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="AMD root key (ARK) certificate, PEM or DER, from AMD's key distribution service.")
+@click.option("--trust", "trust_path", type=click.Path(dir_okay=False, path_type=Path), help="Trust policy JSON to update or create [default: STATE_DIR/trust.json].")
+@click.option(
+    "--ark",
+    "ark_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="AMD root key (ARK) certificate, PEM or DER; a PEM chain such as AMD's cert_chain file works, and its self-signed ARK is pinned.",
+)
 @click.option("--launch-measurement", "launch_measurements", required=True, multiple=True, help="Allowed SEV-SNP launch measurement, 96 hex digits; repeat for several.")
 @click.option("--minimum-tcb", required=True, help="Lowest TCB accepted, as BOOT_LOADER,TEE,SNP,MICROCODE security patch levels, e.g. 3,0,8,115.")
-@click.option("--allow-debug", is_flag=True, help="Accept guests whose policy allows debugging (the host can read their memory).")
+@click.option("--allow-debug", is_flag=True, help="Accept guests whose policy allows debugging. The host can read such a guest's memory: for development only.")
 def pin_sev_snp(state_dir: Path, trust_path: Path | None, ark_path: Path, launch_measurements: tuple[str, ...], minimum_tcb: str, allow_debug: bool) -> None:
-    """Pin AMD's root, the launch measurements and the minimum TCB that SEV-SNP pools must show."""
-    from cryptography import x509
+    """Pin AMD's root, the launch measurements and the minimum TCB that SEV-SNP pools must show.
+
+    Replaces any earlier sev_snp section, so list every launch measurement to accept.
+    """
     from cryptography.hazmat.primitives.serialization import Encoding
 
-    from confide.clients.trust import load_trust, save_trust
+    from confide.clients.trust import save_trust
+    from confide.schemas.attestation import TrustPolicy
     from confide.schemas.sev_snp import MEASUREMENT_SIZE, SnpTrustPolicy, TcbVersion
 
     path = trust_path or StackState(state_dir).trust
-    raw = ark_path.read_bytes()
-    try:
-        certificate = x509.load_pem_x509_certificate(raw) if b"-----BEGIN" in raw else x509.load_der_x509_certificate(raw)
-    except ValueError:
-        _fail(f"{ark_path} is not a PEM or DER X.509 certificate")
-    measurements = set()
-    for text in launch_measurements:
-        try:
-            value = bytes.fromhex(text)
-        except ValueError:
-            _fail(f"launch measurement {text[:16]}... is not hex")
-        if len(value) != MEASUREMENT_SIZE:
-            _fail(f"a launch measurement is {MEASUREMENT_SIZE} bytes ({2 * MEASUREMENT_SIZE} hex digits), got {len(value)} bytes")
-        measurements.add(value)
+    certificate = _load_ark(ark_path)
+    measurements = {_launch_measurement(text, MEASUREMENT_SIZE) for text in launch_measurements}
     try:
         levels = [int(part) for part in minimum_tcb.split(",")]
         if len(levels) != 4 or not all(0 <= level <= 255 for level in levels):
@@ -800,18 +800,102 @@ def pin_sev_snp(state_dir: Path, trust_path: Path | None, ark_path: Path, launch
     except ValueError:
         _fail(f"--minimum-tcb must be four numbers from 0 to 255 separated by commas, got {minimum_tcb!r}")
 
-    try:
-        policy = load_trust(path)
-    except ConfideError as exc:
-        _fail(str(exc))
+    policy = _load_trust_or_fail(path) if path.exists() else TrustPolicy(platform_keys={})
     snp = SnpTrustPolicy(
         ark=certificate.public_bytes(Encoding.DER),
         launch_measurements=frozenset(measurements),
         minimum_tcb=TcbVersion(*levels),
         allow_debug=allow_debug,
     )
+    path.parent.mkdir(parents=True, exist_ok=True)
     save_trust(path, replace(policy, sev_snp=snp))
-    click.echo(f"pinned ARK '{certificate.subject.rfc4514_string()}', {len(measurements)} launch measurement(s) and minimum TCB {minimum_tcb} in {path}")
+    if policy.sev_snp is not None:
+        click.echo(f"replaced the earlier sev_snp section ({len(policy.sev_snp.launch_measurements)} launch measurement(s))")
+    click.echo(
+        f"pinned ARK '{certificate.subject.rfc4514_string()}', {len(measurements)} launch measurement(s) "
+        f"and minimum TCB {minimum_tcb} in {path}"
+    )
+    if allow_debug:
+        click.echo("warning: debuggable guests are accepted; their host can read prompts in guest memory", err=True)
+    if policy.log_key is None:
+        click.echo("note: no release log key is pinned; pin the log operator's key with 'confide trust pin-log-key'", err=True)
+
+
+@trust.command("pin-log-key")
+@state_dir_option
+@click.option("--trust", "trust_path", type=click.Path(dir_okay=False, path_type=Path), help="Trust policy JSON to update or create [default: STATE_DIR/trust.json].")
+@click.argument("log_key")
+def pin_log_key(state_dir: Path, trust_path: Path | None, log_key: str) -> None:
+    """Pin the release log's Ed25519 key (64 hex digits, printed by 'confide release')."""
+    from confide.clients.trust import save_trust
+    from confide.schemas.attestation import TrustPolicy
+
+    path = trust_path or StackState(state_dir).trust
+    try:
+        key = bytes.fromhex(log_key)
+    except ValueError:
+        _fail("the log key must be 64 hex digits")
+    if len(key) != 32:
+        _fail(f"the log key must be 32 bytes (64 hex digits), got {len(key)} bytes")
+    policy = _load_trust_or_fail(path) if path.exists() else TrustPolicy(platform_keys={})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_trust(path, replace(policy, log_key=key))
+    click.echo(f"pinned release log key {log_key.lower()} in {path}")
+
+
+def _load_trust_or_fail(path: Path):
+    from confide.clients.trust import load_trust
+
+    try:
+        return load_trust(path)
+    except ConfideError as exc:
+        _fail(str(exc))
+
+
+def _load_ark(path: Path):
+    """Return the self-signed root certificate in a PEM or DER file, or fail with the reason."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    raw = path.read_bytes()
+    try:
+        certificates = x509.load_pem_x509_certificates(raw) if b"-----BEGIN" in raw else [x509.load_der_x509_certificate(raw)]
+    except ValueError:
+        _fail(f"{path} is not a PEM or DER X.509 certificate")
+    roots = []
+    for certificate in certificates:
+        if certificate.issuer != certificate.subject:
+            continue
+        try:
+            certificate.verify_directly_issued_by(certificate)
+        except (InvalidSignature, ValueError, TypeError):
+            continue
+        roots.append(certificate)
+    if len(roots) != 1:
+        found = "no" if not roots else f"{len(roots)}"
+        _fail(f"{path} holds {found} self-signed certificate(s); the ARK is AMD's self-signed root, and exactly one is needed")
+    ark = roots[0]
+    key = ark.public_key()
+    if not isinstance(key, rsa.RSAPublicKey) or key.key_size < 2048:
+        _fail(f"the certificate in {path} is not an RSA key of at least 2048 bits; AMD's ARK is RSA-4096")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if not ark.not_valid_before_utc <= now <= ark.not_valid_after_utc:
+        _fail(f"the certificate in {path} is valid only from {ark.not_valid_before_utc:%Y-%m-%d} to {ark.not_valid_after_utc:%Y-%m-%d}")
+    return ark
+
+
+def _launch_measurement(text: str, size: int) -> bytes:
+    cleaned = text.strip().lower().removeprefix("0x")
+    try:
+        value = bytes.fromhex(cleaned)
+    except ValueError:
+        _fail(f"launch measurement {text[:16]!r}{'...' if len(text) > 16 else ''} is not hex ({len(cleaned)} characters)")
+    if len(value) != size:
+        _fail(f"a launch measurement is {size} bytes ({2 * size} hex digits), got {len(value)} bytes")
+    return value
 
 
 # -- the release log and verification ---------------------------------------------------
@@ -901,7 +985,7 @@ async def _verify(access: BrokerAccess, trust_path: Path, log_head: Path) -> Non
 @model_option
 @n_ctx_option
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="CPU threads for llama.cpp [default: all cores].")
-@click.option("--platform-key", type=click.Path(dir_okay=False, path_type=Path), help="SIMULATED TEE root key [default: STATE_DIR/platform.key].")
+@click.option("--platform-key", type=click.Path(dir_okay=False, path_type=Path), help="SIMULATED TEE root key, for --tee simulated [default: STATE_DIR/platform.key].")
 @click.option("--stats-file", type=click.Path(dir_okay=False, path_type=Path), help="Write job counters to this JSON file every few seconds.")
 @click.option(
     "--ack-wait",
@@ -926,9 +1010,9 @@ async def _verify(access: BrokerAccess, trust_path: Path, log_head: Path) -> Non
     "--configfs-root",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="configfs-tsm report directory for --tee configfs-tsm [default: /sys/kernel/config/tsm/report].",
+    help="configfs-tsm report directory, for --tee configfs-tsm [default: /sys/kernel/config/tsm/report].",
 )
-@click.option("--tsm-report-name", default=None, help="Name of this worker's configfs-tsm report instance [default: confide-PID].")
+@click.option("--tsm-report-name", default=None, help="Name of this worker's configfs-tsm report instance, for --tee configfs-tsm [default: confide-PID].")
 def worker(
     state_dir: Path,
     broker: str | None,
@@ -962,6 +1046,8 @@ def worker(
         key_path = platform_key or StackState(state_dir).platform_key
         if not key_path.is_file():
             _fail(f"no simulated platform key at {key_path}: run 'confide up' once or pass --platform-key")
+        if configfs_root is not None or tsm_report_name is not None:
+            _fail("--configfs-root and --tsm-report-name are for --tee configfs-tsm; the simulated TEE has no configfs-tsm report")
     elif platform_key is not None:
         _fail("--platform-key is the SIMULATED TEE's root key; a --tee configfs-tsm worker has no use for it")
     try:

@@ -123,7 +123,7 @@ def test_cli_verify_prints_sev_snp_steps(pool, firmware, snp_trust, tmp_path, ru
     assert re.search(r"release log .*signed by the pinned log key", result.stdout)
 
 
-async def test_hardware_joiner_gets_key_and_other_launch_measurement_refused(pool, firmware, snp_trust, tmp_path, running):
+async def test_hardware_joiner_other_image_refused(pool, firmware, snp_trust, tmp_path, running):
     """A second guest on the same image joins; a guest with another launch measurement is refused by the member."""
     processes, kernels = running
     broker = start_broker(tmp_path / "broker")
@@ -214,3 +214,34 @@ def test_trust_pin_sev_snp_writes_the_policy(pool, firmware, tmp_path):
     assert "a launch measurement is 48 bytes" in short.stderr
     assert bad_tcb.returncode != 0
     assert "--minimum-tcb must be four numbers" in bad_tcb.stderr
+
+
+def test_trust_pin_sev_snp_chain_file(pool, firmware, tmp_path):
+    """Given AMD's chain file (ASK, then ARK) the ARK is pinned; the ASK alone is refused; a new file is created."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    def pem(der: bytes) -> bytes:
+        return x509.load_der_x509_certificate(der).public_bytes(Encoding.PEM)
+
+    chain = tmp_path / "cert_chain.pem"
+    chain.write_bytes(pem(firmware.root.ask) + pem(firmware.root.ark))
+    ask = tmp_path / "ask.pem"
+    ask.write_bytes(pem(firmware.root.ask))
+    trust = tmp_path / "new" / "trust.json"
+    tail = ["--launch-measurement", "0x" + LAUNCH_MEASUREMENT.hex().upper(), "--minimum-tcb", "3,0,8,115"]
+
+    from_chain = subprocess.run([CONFIDE, "trust", "pin-sev-snp", "--trust", str(trust), "--ark", str(chain), *tail], capture_output=True, text=True)
+    from_ask = subprocess.run([CONFIDE, "trust", "pin-sev-snp", "--trust", str(trust), "--ark", str(ask), *tail], capture_output=True, text=True)
+    log_key = subprocess.run([CONFIDE, "trust", "pin-log-key", "--trust", str(trust), pool.policy.log_key.hex()], capture_output=True, text=True)
+
+    assert from_chain.returncode == 0, from_chain.stderr
+    assert "no release log key is pinned" in from_chain.stderr
+    assert from_ask.returncode != 0
+    assert "holds no self-signed certificate" in from_ask.stderr
+    assert log_key.returncode == 0, log_key.stderr
+    policy = load_trust(trust)
+    assert policy.sev_snp.ark == firmware.root.ark
+    assert policy.sev_snp.launch_measurements == frozenset({LAUNCH_MEASUREMENT})
+    assert policy.log_key == pool.policy.log_key
+    assert policy.platform_keys == {}

@@ -189,7 +189,7 @@ async def test_joiner_rejects_release_without_pool_key(pool, tmp_path, running):
     await nc.subscribe(subjects.KEY_RELEASE_SUBJECT, queue="confide-pool", cb=answer)
     await nc.flush()
     try:
-        # In a thread, so this event loop stays free to answer the request.
+        # In a thread, so this event loop stays free to respond to the request.
         joiner = await anyio.to_thread.run_sync(lambda: start_worker_or_error(broker.url, pool, tmp_path, "joiner"))
     finally:
         await nc.close()

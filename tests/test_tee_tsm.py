@@ -239,6 +239,28 @@ def test_report_directory_created_and_removed(tmp_path):
     assert (tmp_path / "kept").is_dir()
 
 
+def test_open_detects_platform_from_provider(firmware, tmp_path):
+    """open() reads the provider attribute and returns a backend for its platform."""
+    FakeTsmKernel(firmware, provider="sev_guest").populate(tmp_path / "snp")
+    FakeTsmKernel(firmware, provider="tdx_guest").populate(tmp_path / "tdx")
+
+    assert ConfigfsTsmTee.open(tmp_path, "snp").platform == "sev-snp"
+    assert ConfigfsTsmTee.open(tmp_path, "tdx").platform == "tdx"
+
+
+def test_open_failure_removes_created_report_directory(tmp_path):
+    """A report instance that open() created is removed again when its provider cannot be read or is unknown."""
+    with pytest.raises(TeeError, match="cannot read configfs-tsm attribute .*provider"):
+        ConfigfsTsmTee.open(tmp_path, "fresh")
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "provider").write_text("arm_cca_guest\n")
+
+    with pytest.raises(TeeError, match="provided by 'arm_cca_guest', which confide does not know"):
+        ConfigfsTsmTee.open(tmp_path, "odd")
+    assert not (tmp_path / "fresh").exists()
+    assert (tmp_path / "odd").is_dir(), "a report instance open() did not create is kept"
+
+
 def test_default_report_name_is_per_process(tmp_path):
     """Without a name, each process uses its own report instance."""
     backend = ConfigfsTsmTee("tdx", configfs_root=tmp_path)

@@ -96,10 +96,17 @@ class ConfigfsTsmTee(TeeBackend):
         """
         probe = cls("sev-snp", configfs_root, report_name)
         probe._open_report_directory()
-        provider = probe._read_attribute("provider").decode("ascii", "replace").strip()
-        platforms = {name: platform for platform, name in PROVIDERS.items()}
-        if provider not in platforms:
-            raise TeeError(f"configfs-tsm at {configfs_root} is provided by '{provider}', which confide does not know")
+        try:
+            provider = probe._read_attribute("provider").decode("ascii", "replace").strip()
+            platforms = {name: platform for platform, name in PROVIDERS.items()}
+            if provider not in platforms:
+                raise TeeError(f"configfs-tsm at {configfs_root} is provided by '{provider}', which confide does not know")
+        except TeeError:
+            try:
+                probe.close()  # leave no report instance behind
+            except TeeError as exc:
+                log.warning("%s", exc)
+            raise
         backend = cls(platforms[provider], configfs_root, report_name)
         backend._created_directory = probe._created_directory
         return backend

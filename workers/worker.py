@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
+import urllib.parse
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -197,25 +199,66 @@ async def _connect(settings: WorkerSettings) -> NATS:
     if settings.tls_ca is not None:
         options["tls"] = tls_context(settings.tls_ca)
 
-    async def on_error(exc: Exception) -> None:
-        log.warning("broker connection error: %s", type(exc).__name__)
-
-    async def on_disconnect() -> None:
-        log.warning("disconnected from the broker; reconnecting")
-
-    async def on_reconnect() -> None:
-        log.info("reconnected to the broker")
-
-    return await nats.connect(
+    events = _BrokerEvents(settings.broker_url)
+    nc = await nats.connect(
         settings.broker_url,
         name="confide-worker",
         max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
-        error_cb=on_error,
-        disconnected_cb=on_disconnect,
-        reconnected_cb=on_reconnect,
+        reconnect_time_wait=RECONNECT_WAIT_S,
+        error_cb=events.on_error,
+        disconnected_cb=events.on_disconnect,
+        reconnected_cb=events.on_reconnect,
         **options,
     )
+    events.client = nc
+    return nc
+
+
+RECONNECT_WAIT_S = 0.5
+# While the broker stays away, repeat the warning at most this often.
+ERROR_LOG_EVERY_S = 30.0
+
+
+class _BrokerEvents:
+    """Log the broker connection's troubles once, then at most every ERROR_LOG_EVERY_S seconds."""
+
+    def __init__(self, url: str) -> None:
+        self.url = _without_userinfo(url)
+        self.client: NATS | None = None
+        self._errors = 0
+        self._logged_at: float | None = None
+
+    async def on_error(self, exc: Exception) -> None:
+        self._errors += 1
+        now = time.monotonic()
+        if self._logged_at is not None and now - self._logged_at < ERROR_LOG_EVERY_S:
+            return
+        self._logged_at = now
+        log.warning(
+            "cannot reach the broker at %s (%s, %d error(s) so far); retrying every %.1f s",
+            self.url, type(exc).__name__, self._errors, RECONNECT_WAIT_S,
+        )
+
+    async def on_disconnect(self) -> None:
+        if self.client is not None and self.client.is_closed:
+            return  # this worker closed the connection itself, on its way out
+        log.warning("disconnected from the broker at %s; reconnecting", self.url)
+
+    async def on_reconnect(self) -> None:
+        self._logged_at = None
+        log.info("reconnected to the broker at %s", self.url)
+
+
+def _without_userinfo(url: str) -> str:
+    """Drop a user name or password from a broker URL before it is logged."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 async def _pull_jobs(consumer, runner: JobRunner, fetch_timeout_s: float) -> None:
