@@ -7,10 +7,11 @@ named by a one-way hash of the job's secret reply token.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -72,6 +73,10 @@ NOTICE_POLL_S = 2.0
 RESUBMISSIONS = 3
 # "Nats-Msg-Id: <32 hex digits>" plus the NATS/1.0 header line and CRLFs.
 MESSAGE_ID_HEADER_SIZE = 64
+# How long start_publish's awaitable waits for JetStream's PubAck; publish()
+# waits nats-py's JetStream default, 5 s in nats-py 2.16, so this allows for a
+# long queue of acknowledgements ahead of it.
+PUBLISH_ACK_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -134,6 +139,20 @@ class ReplyEvent:
     finish: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+
+
+async def _stream_sequence(future: asyncio.Future) -> int:
+    """Wait for a PubAck from nats-py's publish_async and return its stream sequence."""
+    try:
+        with anyio.fail_after(PUBLISH_ACK_TIMEOUT_S):
+            ack = await future
+    except TimeoutError:
+        # Cancelling runs nats-py's done callback, which frees the pending slot.
+        future.cancel()
+        raise BrokerError(f"the broker sent no acknowledgement for the job within {PUBLISH_ACK_TIMEOUT_S:g} s") from None
+    except nats.errors.Error as exc:
+        raise BrokerError(f"the broker did not accept the job: {type(exc).__name__}") from None
+    return ack.seq
 
 
 class Client:
@@ -275,6 +294,25 @@ class Client:
         except nats.errors.Error as exc:
             raise BrokerError(f"the broker did not accept the job: {type(exc).__name__}") from None
         return ack.seq
+
+    async def start_publish(self, prepared: PreparedJob) -> Awaitable[int]:
+        """Publish a prepared job without waiting for JetStream; return an awaitable of its stream sequence.
+
+        For many jobs at once: the caller keeps a window of these awaitables
+        and awaits the oldest, so that it need not wait for each
+        acknowledgement before the next publish. Awaiting raises BrokerError when JetStream
+        refuses the job or sends no acknowledgement within PUBLISH_ACK_TIMEOUT_S.
+        """
+        try:
+            future = await self._js.publish_async(
+                subjects.JOBS_SUBJECT,
+                prepared.envelope,
+                stream=subjects.JOBS_STREAM,
+                headers={"Nats-Msg-Id": prepared.message_id},
+            )
+        except nats.errors.Error as exc:
+            raise BrokerError(f"the broker did not accept the job: {type(exc).__name__}") from None
+        return _stream_sequence(future)
 
     async def replies(self, job: PendingJob, first_chunk_timeout_s: float | None = None) -> AsyncIterator[ReplyEvent]:
         """Yield the job's reply as it arrives; raise on tampering, an error reply or a timeout.

@@ -1,18 +1,24 @@
-"""`make bench`: the encrypted path against llama-cpp-python called directly.
+"""`make bench`: the encrypted path against llama-cpp-python, and how fast JetStream accepts sealed jobs.
 
-Both run the same GGUF, chat template, context size, thread count and greedy
-sampling on the shared prompts, one prompt at a time and alternating, in one
-run. Greedy decoding makes both produce the same tokens, so each prompt's
-completion token count (reported by the worker) serves both sides.
+generate: both paths run the same GGUF, chat template, context size, thread
+count and greedy sampling on the shared prompts, one prompt at a time and
+alternating, in one run. Greedy decoding makes both produce the same tokens,
+so each prompt's completion token count (reported by the worker) serves both
+sides.
 
 - time to first token (TTFT): from the call (direct) or from sealing the job
   (encrypted) to the first text the caller can show;
 - generation rate: completion tokens / (last text - first text).
+
+accept: one client process seals jobs and publishes them with many PubAcks
+outstanding; the rate is jobs acknowledged per second of wall time, and the
+process's resident memory is sampled after each tenth of the jobs.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import platform
@@ -174,15 +180,114 @@ async def bench(args: argparse.Namespace) -> int:
     return 0
 
 
+async def accept_bench(args: argparse.Namespace) -> int:
+    """Seal and publish many jobs from this one process, and report how fast JetStream accepts them.
+
+    A worker starts only to create the pool and publish its attestation
+    document, then stops, so nothing consumes the jobs and the client has
+    the machine's cores to itself, as a client device would.
+    """
+    model = default_model_path()
+    settings = EngineSettings(model, args.n_ctx, 1)
+    prompt = load_prompts(PROMPTS)[0][1]
+    messages = [ChatMessage("user", prompt)]
+    params = GenerationParams(max_tokens=64)
+
+    with tempfile.TemporaryDirectory(prefix="confide-bench-") as temporary:
+        state = stack.StackState(Path(temporary))
+        platform_key = create_platform_key(state.platform_key)
+        measurement = measure(model, settings.measured())
+        log_key = load_or_create_log_key(state.log_key)
+        append_release(state.release_log, measurement)
+        policy = stack.local_trust_policy(platform_key.verify_key, measurement, log_key.verify_key)
+        save_trust(state.trust, policy)
+        port = stack.free_port()
+        broker, url = stack.start_broker(state, stack.HOST, port)
+        try:
+            stack.wait_for_port(stack.HOST, port, 15, broker)
+            await publish_release_log(url, state.release_log, log_key)
+            worker = stack.start_worker(state, 0, url, None, args.n_ctx, threads=1)
+            try:
+                deadline = time.monotonic() + 120
+                while not state.worker_stats(0).exists():
+                    if worker.poll() is not None or time.monotonic() > deadline:
+                        print(state.worker_log(0).read_text(errors="replace"), file=sys.stderr)
+                        return 1
+                    await anyio.sleep(0.1)
+            finally:
+                stack.stop_process(worker.pid)
+
+            async with await Client.connect(url, policy) as client:
+                await client.attest()
+                envelope_size = len((await client.prepare(messages, params)).envelope)
+                result = await _publish_many(client, messages, params, args.jobs, args.window)
+        finally:
+            stack.stop_process(broker.pid)
+
+    elapsed, sealing_s, rss = result
+    print(f"date:     {time.strftime('%Y-%m-%d')}")
+    print(f"machine:  {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}")
+    print(f"jobs:     {args.jobs} of {envelope_size} bytes each (prompt {PROMPTS.name} first row), {args.window} publishes in flight")
+    print()
+    print(f"accepted: {args.jobs / elapsed:,.0f} jobs/s  (goal >= 10,000)  in {elapsed:.1f} s")
+    print(f"sealing alone: {args.jobs / sealing_s:,.0f} jobs/s of this process's time")
+    print("resident memory (MiB) after each tenth of the jobs: " + ", ".join(f"{value / 2**20:.0f}" for value in rss))
+    print(f"growth from the first tenth to the end: {(rss[-1] - rss[0]) / 2**20:+.1f} MiB")
+    return 0
+
+
+async def _publish_many(client: Client, messages, params, jobs: int, window: int) -> tuple[float, float, list[int]]:
+    """Publish `jobs` freshly sealed jobs, at most `window` awaiting their PubAck at once.
+
+    Return the wall time, the time spent sealing, and the resident memory
+    after each tenth of the jobs.
+    """
+    pending: collections.deque = collections.deque()
+    sealing_s = 0.0
+    rss: list[int] = []
+    step = max(1, jobs // 10)
+
+    started = time.perf_counter()
+    for index in range(1, jobs + 1):
+        sealed_at = time.perf_counter()
+        prepared = await client.prepare(messages, params)
+        sealing_s += time.perf_counter() - sealed_at
+        pending.append(await client.start_publish(prepared))
+        if len(pending) >= window:
+            await pending.popleft()
+        if index % step == 0:
+            rss.append(_resident_bytes())
+    while pending:
+        await pending.popleft()
+    return time.perf_counter() - started, sealing_s, rss
+
+
+def _resident_bytes() -> int:
+    """Return this process's resident set size, from /proc (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=1, help="passes over the prompt set")
-    parser.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt")
+    parser.add_argument("mode", nargs="?", choices=("generate", "accept", "all"), default="all", help="what to measure [default: all]")
+    parser.add_argument("--rounds", type=int, default=1, help="generate: passes over the prompt set")
+    parser.add_argument("--max-tokens", type=int, default=128, help="generate: tokens generated per prompt")
     parser.add_argument("--n-ctx", type=int, default=DEFAULT_N_CTX, help="model context size")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp threads on both paths")
-    parser.add_argument("--limit", type=int, default=0, help="use only the first N prompts (0: all)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="generate: llama.cpp threads on both paths")
+    parser.add_argument("--limit", type=int, default=0, help="generate: use only the first N prompts (0: all)")
+    parser.add_argument("--jobs", type=int, default=100_000, help="accept: jobs to seal and publish")
+    parser.add_argument("--window", type=int, default=1024, help="accept: publishes awaiting their PubAck at once")
     args = parser.parse_args()
-    sys.exit(anyio.run(bench, args))
+    status = 0
+    if args.mode in ("generate", "all"):
+        status = anyio.run(bench, args)
+    if status == 0 and args.mode in ("accept", "all"):
+        print()
+        status = anyio.run(accept_bench, args)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -189,3 +189,48 @@ async def test_uncollected_reply_expires(pool, tmp_path):
     finally:
         stop(worker.process)
         stop(broker.process)
+
+
+async def test_start_publish_many_in_flight(client):
+    """Jobs published with start_publish are all stored, in order, and a republished one is stored once."""
+    from confide.schemas.messages import ChatMessage
+
+    before = await jobs_last_sequence(client)
+    prepared = [await client.prepare([ChatMessage("user", f"Count to {n}.")], GenerationParams(max_tokens=4)) for n in range(20)]
+    pending = [await client.start_publish(job) for job in prepared]
+    sequences = [await accepted for accepted in pending]
+    again = await (await client.start_publish(prepared[0]))
+
+    assert sequences == list(range(before + 1, before + 21))
+    assert again == sequences[0]
+    assert await jobs_last_sequence(client) == before + 20
+
+
+async def test_start_publish_broker_silent_raises(pool, tmp_path, monkeypatch):
+    """A broker that stops answering makes the awaitable raise BrokerError, and frees its pending slot."""
+    import os
+    import signal
+
+    from confide.clients import client as client_module
+    from confide.errors import BrokerError
+    from confide.schemas.messages import ChatMessage
+
+    monkeypatch.setattr(client_module, "PUBLISH_ACK_TIMEOUT_S", 0.5)
+    broker = start_broker(tmp_path / "broker")
+    worker = start_worker(broker.url, pool, tmp_path / "worker")
+    try:
+        async with await Client.connect(broker.url, pool.policy) as connected:
+            prepared = await connected.prepare([ChatMessage("user", "Say hello.")], GenerationParams(max_tokens=4))
+            os.kill(broker.process.pid, signal.SIGSTOP)
+            try:
+                accepted = await connected.start_publish(prepared)
+                with pytest.raises(BrokerError, match="no acknowledgement for the job within 0.5 s"):
+                    await accepted
+            finally:
+                os.kill(broker.process.pid, signal.SIGCONT)
+
+            assert connected._js.publish_async_pending() == 0
+            assert await connected.publish(prepared) > 0
+    finally:
+        stop(worker.process)
+        stop(broker.process)
