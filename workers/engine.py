@@ -5,8 +5,13 @@ module only as whole UTF-8 characters: token bytes go through an incremental
 strict UTF-8 decoder, so a character split across tokens is held back until
 its last byte arrives, and no U+FFFD is ever produced.
 
-The engine keeps nothing between jobs: no prompt cache, and the context's
-token history and KV cache are cleared before every generation.
+The engine keeps nothing of a job after it: no prompt cache, no history.
+Every job starts from the same context state: the KV cache of the chat
+template's fixed opening (for SmolLM2, its default system prompt and the
+token that opens the user's turn), evaluated once from those public tokens
+alone. After each job the context is cut back to that opening, or cleared
+and the opening evaluated again when the job's prompt did not begin with
+it, so no token of one job is in the context when the next begins.
 """
 
 from __future__ import annotations
@@ -102,6 +107,11 @@ class Engine:
         self._llm.set_cache(None)
         self._formatter = self._chat_formatter()
         self._lock = threading.Lock()
+        # The tokens every prompt in the template's default form begins with.
+        # Their KV cache depends on nothing else (attention is causal), so it
+        # is computed once and shared by every job.
+        self._opening = self._template_opening()
+        self._opening_ready = False
 
     def _chat_formatter(self) -> Jinja2ChatFormatter:
         template = self._llm.metadata.get("tokenizer.chat_template")
@@ -114,6 +124,20 @@ class Engine:
     @property
     def n_ctx(self) -> int:
         return self._llm.n_ctx()
+
+    def _template_opening(self) -> list[int]:
+        """Return the longest token prefix that the template gives prompts with any user text.
+
+        One token short of the longest common prefix of a few unlike
+        samples, so that a tokenizer merge across the boundary with the
+        user's words is never assumed. Empty for a template without a fixed opening.
+        """
+        samples = ["a", "Z", "Hello there", "नमस्ते", "?", " 1"]
+        tokenized = [self.prompt_tokens([ChatMessage("user", sample)]) for sample in samples]
+        length = 0
+        while all(length < len(tokens) for tokens in tokenized) and len({tokens[length] for tokens in tokenized}) == 1:
+            length += 1
+        return tokenized[0][: max(0, length - 1)]
 
     def prompt_tokens(self, messages: Sequence[ChatMessage]) -> list[int]:
         """Apply the model's chat template and tokenize.
@@ -135,34 +159,69 @@ class Engine:
     ) -> GenerationResult:
         """Generate a reply to prompt tokens, calling on_text with whole characters as they form."""
         with self._lock:
-            self._reset()
-            if params.seed is not None:
-                self._llm.set_seed(params.seed)
-            else:
-                self._llm.set_seed(int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF)
+            self._start_from_opening()
+            # The context may keep the opening only if this job's prompt
+            # begins with it and goes past it: then llama-cpp-python reuses
+            # those positions and writes this job's tokens only after them.
+            # (Llama.generate's prefix match, llama-cpp-python 0.3.36.)
+            keeps_opening = len(tokens) > len(self._opening) and tokens[: len(self._opening)] == self._opening
+            try:
+                return self._generate(tokens, params, on_text, stop)
+            finally:
+                self._end_job(keeps_opening)
 
-            decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
-            max_new = min(params.max_tokens, self.n_ctx - len(tokens))
-            produced = 0
-            finish = "length"
-            for token in self._llm.generate(tokens, temp=params.temperature, top_p=params.top_p, reset=True):
-                if self._is_end_of_generation(token):
-                    finish = "stop"
-                    break
-                produced += 1
-                text = decoder.decode(self._llm.detokenize([token], special=False))
-                if text:
-                    on_text(text)
-                if produced >= max_new or stop.is_set():
-                    break
-            # A character cut off by max_tokens is dropped rather than sent broken.
-            self._reset()
-            return GenerationResult(finish, len(tokens), produced)
+    def _generate(
+        self,
+        tokens: list[int],
+        params: GenerationParams,
+        on_text: Callable[[str], None],
+        stop: threading.Event,
+    ) -> GenerationResult:
+        if params.seed is not None:
+            self._llm.set_seed(params.seed)
+        else:
+            self._llm.set_seed(int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF)
+
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
+        max_new = min(params.max_tokens, self.n_ctx - len(tokens))
+        produced = 0
+        finish = "length"
+        for token in self._llm.generate(tokens, temp=params.temperature, top_p=params.top_p, reset=True):
+            if self._is_end_of_generation(token):
+                finish = "stop"
+                break
+            produced += 1
+            text = decoder.decode(self._llm.detokenize([token], special=False))
+            if text:
+                on_text(text)
+            if produced >= max_new or stop.is_set():
+                break
+        # A character cut off by max_tokens is dropped rather than sent broken.
+        return GenerationResult(finish, len(tokens), produced)
 
     def _is_end_of_generation(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self._llm._model.vocab, token))
 
-    def _reset(self) -> None:
-        """Forget every token of the previous job: history and KV cache."""
+    def _start_from_opening(self) -> None:
+        """Make the context hold exactly the template's opening, evaluated on its own."""
+        if self._opening_ready:
+            return
+        self._clear()
+        if self._opening:
+            self._llm.eval(self._opening)
+        self._opening_ready = True
+
+    def _end_job(self, keeps_opening: bool) -> None:
+        """Forget every token of the job: cut the context back to the opening, or clear it."""
+        if keeps_opening:
+            opening = len(self._opening)
+            if self._llm._ctx.kv_cache_seq_rm(-1, opening, -1):
+                self._llm.n_tokens = opening
+                return
+        self._clear()
+        self._opening_ready = False
+
+    def _clear(self) -> None:
+        """Forget every token: history and KV cache."""
         self._llm.reset()
         self._llm._ctx.kv_cache_clear()
