@@ -813,7 +813,7 @@ def pin_sev_snp(state_dir: Path, trust_path: Path | None, ark_path: Path, launch
         click.echo(f"replaced the earlier sev_snp section ({len(policy.sev_snp.launch_measurements)} launch measurement(s))")
     click.echo(
         f"pinned ARK '{certificate.subject.rfc4514_string()}', {len(measurements)} launch measurement(s) "
-        f"and minimum TCB {minimum_tcb} in {path}"
+        f"and minimum TCB ({snp.minimum_tcb}) in {path}"
     )
     if allow_debug:
         click.echo("warning: debuggable guests are accepted; their host can read prompts in guest memory", err=True)
