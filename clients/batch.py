@@ -206,7 +206,7 @@ class BatchRunner:
                     if event.final:
                         return {"reply": "".join(parts), "finish": event.finish, "completion_tokens": event.completion_tokens}, False
             except KeyExpiredError:
-                log.info("a batch job's pool key was erased before a worker took it; sealing it again")
+                log.info("the pool no longer holds a batch job's pool key; sealing the job again")
                 await self._reseal(job)
                 continue
             except ReplyError as exc:

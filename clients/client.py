@@ -67,8 +67,8 @@ PUBLISH_FRAMING = 128
 # A verified pool document is fetched again after this many seconds, so a
 # long chat follows key rotations.
 ATTESTATION_CACHE_S = 60.0
-# How often a client waiting for a job's first chunk checks for an
-# expired-key notice, and how many times ask() seals a job again after one.
+# How often a client waiting for a job's first chunk checks for a
+# key notice, and how many times ask() seals a job again after one.
 NOTICE_POLL_S = 2.0
 RESUBMISSIONS = 3
 # "Nats-Msg-Id: <32 hex digits>" plus the NATS/1.0 header line and CRLFs.
@@ -87,7 +87,7 @@ class PendingJob:
     reply_subject: str
     stream_sequence: int
     # Digest of the published envelope: a worker that finds the job sealed to
-    # an erased pool key files a signed notice under reply_subject(digest).
+    # a pool key the pool no longer holds files a signed notice under reply_subject(digest).
     envelope_digest: bytes | None = None
 
     def __repr__(self) -> str:
@@ -378,7 +378,7 @@ class Client:
         return await reply_waiting(self._nc, reply_subject)
 
     async def _first_chunk(self, feed: ReplyFeed, digest: bytes, timeout: float) -> bytes:
-        """Wait for the first chunk, checking now and then for a signed expired-key notice."""
+        """Wait for the first chunk, checking now and then for a signed key notice."""
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
@@ -389,10 +389,10 @@ class Client:
             except TimeoutError:
                 pass
             if await self._expired_notice(digest):
-                raise KeyExpiredError("the job was sealed to a pool key that has been erased; seal it again")
+                raise KeyExpiredError("the pool no longer holds the key this job was sealed to; seal it again")
 
     async def _expired_notice(self, digest: bytes) -> bool:
-        """Return True if an attested worker signed an expired-key notice for this envelope digest."""
+        """Return True if an attested worker signed an key notice for this envelope digest."""
         subject = subjects.reply_subject(digest)
         if not await reply_waiting(self._nc, subject):
             return False
@@ -404,12 +404,12 @@ class Client:
         try:
             body = verify_document(unverified, self._policy, purpose="notice")
         except AttestationError as exc:
-            log.warning("ignored an expired-key notice that failed verification: %s", exc)
+            log.warning("ignored an key notice that failed verification: %s", exc)
             return False
         return crypto.constant_time_equal(body.key, digest)
 
     async def ask(self, messages: Sequence[ChatMessage], params: GenerationParams = GenerationParams()) -> AsyncIterator[ReplyEvent]:
-        """Submit a job and yield its reply; a job sealed to an erased pool key is sealed again by itself."""
+        """Submit a job and yield its reply; a job sealed to a key the pool no longer holds is sealed again by itself."""
         for _ in range(RESUBMISSIONS):
             job = await self.submit(messages, params)
             try:
@@ -419,7 +419,9 @@ class Client:
             except KeyExpiredError:
                 log.info("the pool key this job was sealed to was erased; sealing the job again to the current key")
                 await self.attest(refresh=True)
-        raise KeyExpiredError(f"the job was sealed to an erased pool key {RESUBMISSIONS} times; check the pool's key rotation settings")
+        raise KeyExpiredError(
+            f"the job was sealed {RESUBMISSIONS} times to a pool key the pool no longer holds; check the pool's key rotation settings"
+        )
 
     async def ask_text(self, messages: Sequence[ChatMessage], params: GenerationParams = GenerationParams()) -> str:
         """Return the whole reply text; an attempt restart discards the partial text."""

@@ -111,3 +111,37 @@ async def test_job_sealed_to_erased_key_gets_signed_notice(pool, tmp_path):
     finally:
         stop(worker.process)
         stop(broker.process)
+
+
+async def test_job_sealed_to_lost_pool_key_sealed_again(pool, tmp_path):
+    """Every worker stops and a new one creates another key: a job sealed to the lost key is sealed again and answered."""
+    broker = start_broker(tmp_path / "broker")
+    first = start_worker(broker.url, pool, tmp_path / "w1", "first")
+    second = None
+    try:
+        async with await Client.connect(broker.url, pool.policy, reply_timeout_s=60) as client:
+            lost_key = (await client.attest()).key
+            stop(first.process)
+            # Remove the stopped pool's document, so that the new worker creates
+            # a key at once instead of first waiting for a member to answer.
+            nc = await nats.connect(broker.url)
+            try:
+                await (await nc.jetstream().key_value(subjects.POOL_BUCKET)).delete(subjects.ATTESTATION_KEY)
+            finally:
+                await nc.close()
+            second = start_worker(broker.url, pool, tmp_path / "w2", "second")
+            assert await published_key(broker.url) != lost_key
+
+            # The client's cached document still names the lost key, so ask() seals to it first.
+            events = [event async for event in client.ask([ChatMessage("user", "Say hello.")], QUICK)]
+
+        assert "".join(event.text for event in events).strip()
+        with anyio.fail_after(30):
+            while second.stats()["rejections"].get("unknown_key", 0) < 1:
+                await anyio.sleep(0.2)
+        assert b"job completed" in second.output()
+    finally:
+        if second is not None:
+            stop(second.process)
+        stop(first.process)
+        stop(broker.process)

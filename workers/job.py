@@ -55,6 +55,30 @@ DEFAULT_REPLAY_ENTRIES = 1_000_000
 EVICTION_LOG_EVERY = 10_000
 
 
+# At most NOTICE_BURST key notices per NOTICE_WINDOW_S; more are suppressed.
+NOTICE_BURST = 100
+NOTICE_WINDOW_S = 10
+
+
+class NoticeBudget:
+    """A token bucket: `burst` notices at once, refilled evenly over `window_s`."""
+
+    def __init__(self, burst: int = NOTICE_BURST, window_s: float = NOTICE_WINDOW_S) -> None:
+        self._burst = burst
+        self._rate = burst / window_s
+        self._tokens = float(burst)
+        self._updated: float | None = None
+
+    def take(self, now: float) -> bool:
+        if self._updated is not None:
+            self._tokens = min(self._burst, self._tokens + (now - self._updated) * self._rate)
+        self._updated = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+
 class ReplayGuard:
     """Remembers job ids seen within the acceptance window, with their stream sequence.
 
@@ -117,6 +141,7 @@ class JobRunner:
         self._stats = stats
         self._settings = settings
         self._replays = ReplayGuard(settings.acceptance_window_s + settings.clock_skew_s)
+        self._notices = NoticeBudget()
         self._limiter = anyio.CapacityLimiter(1)
 
     async def run(self, message: Msg) -> None:
@@ -307,24 +332,31 @@ class JobRunner:
     async def _no_key(self, message: Msg, key_id: bytes, sequence: int) -> None:
         """Handle a job sealed to a pool key this worker does not hold.
 
-        An erased epoch's job can never be opened: the worker files a signed
-        expired-key notice the client can find from its envelope, so the
-        client seals the job again. A job sealed to the key the pool has
-        just published, which this worker has not fetched yet, goes back to
-        the queue for a member that has it. Any other key id is unknown.
+        A job sealed to the key the pool has just published, which this
+        worker has not fetched yet, goes back to the queue for a member
+        that has it. Any other such job can never be opened: an erased
+        epoch's (expired_key), or one the pool never held or lost when all
+        its members stopped (unknown_key). For those the worker files a
+        signed notice the client can find from the envelope, so the client
+        seals the job again to the current key, and terminates the job.
         """
-        if self._pool.is_erased(key_id):
-            notice = await self._pool.attest_notice(envelope_digest(message.data))
-            with anyio.CancelScope(shield=True):
-                await self._js.publish(subjects.reply_subject(envelope_digest(message.data)), notice, stream=subjects.REPLIES_STREAM)
-            await self._terminate(message, "expired_key", sequence)
-            return
         if self._pool.is_published(key_id) and message.metadata.num_delivered < self._settings.max_deliver:
             with anyio.CancelScope(shield=True):
                 await message.nak(delay=UNKNOWN_KEY_RETRY_S)
             log.info("job handed back: sealed to a pool key this worker lacks seq=%d", sequence)
             return
-        await self._terminate(message, "unknown_key", sequence)
+
+        reason = "expired_key" if self._pool.is_erased(key_id) else "unknown_key"
+        if self._notices.take(time.monotonic()):
+            notice = await self._pool.attest_notice(envelope_digest(message.data))
+            with anyio.CancelScope(shield=True):
+                await self._js.publish(subjects.reply_subject(envelope_digest(message.data)), notice, stream=subjects.REPLIES_STREAM)
+        else:
+            # Anyone can publish jobs under made-up key ids; unlimited notices
+            # would fill the replies stream, which drops its oldest replies.
+            self._stats.outcome("notice_suppressed")
+            log.warning("no key notice for job seq=%d: more than %d notices in %d s", sequence, NOTICE_BURST, NOTICE_WINDOW_S)
+        await self._terminate(message, reason, sequence)
 
     async def _terminate(self, message: Msg, reason: str, sequence: int) -> None:
         """Stop redelivery of a job that can never succeed; no reply is possible."""
