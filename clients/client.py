@@ -392,7 +392,7 @@ class Client:
                 raise KeyExpiredError("the pool no longer holds the key this job was sealed to; seal it again")
 
     async def _expired_notice(self, digest: bytes) -> bool:
-        """Return True if an attested worker signed an key notice for this envelope digest."""
+        """Return True if an attested worker signed a key notice for this envelope digest."""
         subject = subjects.reply_subject(digest)
         if not await reply_waiting(self._nc, subject):
             return False
@@ -404,7 +404,7 @@ class Client:
         try:
             body = verify_document(unverified, self._policy, purpose="notice")
         except AttestationError as exc:
-            log.warning("ignored an key notice that failed verification: %s", exc)
+            log.warning("ignored a key notice that failed verification: %s", exc)
             return False
         return crypto.constant_time_equal(body.key, digest)
 
@@ -417,7 +417,7 @@ class Client:
                     yield event
                 return
             except KeyExpiredError:
-                log.info("the pool key this job was sealed to was erased; sealing the job again to the current key")
+                log.info("the pool no longer holds the key this job was sealed to; sealing the job again to the current key")
                 await self.attest(refresh=True)
         raise KeyExpiredError(
             f"the job was sealed {RESUBMISSIONS} times to a pool key the pool no longer holds; check the pool's key rotation settings"

@@ -56,7 +56,7 @@ def reply_subject_token(reply_token: bytes) -> str:
 
 
 def envelope_digest(envelope: bytes) -> bytes:
-    """Return the digest that names a job's expired-key notice.
+    """Return the digest that names a job's key notice.
 
     A worker that cannot open a job never learns its reply token, so the
     notice is filed under reply_subject(envelope_digest(envelope)), which

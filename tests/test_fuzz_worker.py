@@ -26,4 +26,6 @@ async def test_fuzz_inputs_all_rejected(broker, pool, worker):
     assert report.count == count
     assert sum(report.rejections.values()) == count, report.render()
     assert "replayed" in report.rejections, report.render()
-    assert set(report.outcomes) <= {"completed"}, report.render()
+    # A flood of jobs under made-up key ids outruns the worker's notice budget;
+    # the suppressed notices are counted, and the jobs are still rejected.
+    assert set(report.outcomes) <= {"completed", "notice_suppressed"}, report.render()
