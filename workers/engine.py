@@ -5,11 +5,13 @@ module only as whole UTF-8 characters: token bytes go through an incremental
 strict UTF-8 decoder, so a character split across tokens is held back until
 its last byte arrives, and no U+FFFD is ever produced.
 
+Message text is tokenized apart from the template's text, as plain text,
+so only the template can produce control tokens.
+
 The engine keeps nothing of a job after it: no prompt cache, no history.
 Every job starts from the same context state: the KV cache of the chat
 template's fixed opening (for SmolLM2, its default system prompt and the
-token that opens the user's turn), evaluated once from those public tokens
-alone. After each job the context is cut back to that opening, or cleared
+start of the user's turn), evaluated once from those public tokens alone. After each job the context is cut back to that opening, or cleared
 and the opening evaluated again when the job's prompt did not begin with
 it, so no token of one job is in the context when the next begins.
 """
@@ -43,6 +45,26 @@ class PromptTooLongError(Exception):
         super().__init__(f"the prompt is {prompt_tokens} tokens but the model's context holds {limit}")
         self.prompt_tokens = prompt_tokens
         self.limit = limit
+
+
+# Stand-ins for message text while the chat template is applied: Unicode
+# private-use characters, which the template's own text never contains.
+MARKER_OPEN = "\ue000"
+MARKER_CLOSE = "\ue001"
+
+
+def _split_at_markers(prompt: str, markers: list[str]) -> list[str] | None:
+    """Split a rendered prompt at each marker; return the len(markers) + 1 template pieces, or None."""
+    pieces = []
+    start = 0
+    for marker in markers:
+        found = prompt.find(marker, start)
+        if found < 0 or prompt.count(marker) != 1:
+            return None
+        pieces.append(prompt[start:found])
+        start = found + len(marker)
+    pieces.append(prompt[start:])
+    return pieces
 
 
 def default_model_path() -> Path:
@@ -126,29 +148,53 @@ class Engine:
         return self._llm.n_ctx()
 
     def _template_opening(self) -> list[int]:
-        """Return the longest token prefix that the template gives prompts with any user text.
+        """Return the tokens that every prompt in the template's default form begins with.
 
-        One token short of the longest common prefix of a few unlike
-        samples, so that a tokenizer merge across the boundary with the
-        user's words is never assumed. Empty for a template without a fixed opening.
+        They are the tokens of the template's text before the first user
+        message. Message text is tokenized apart from the template's (see
+        prompt_tokens), so no token spans that boundary, and no user text
+        is part of the opening.
         """
-        samples = ["a", "Z", "Hello there", "नमस्ते", "?", " 1"]
-        tokenized = [self.prompt_tokens([ChatMessage("user", sample)]) for sample in samples]
-        length = 0
-        while all(length < len(tokens) for tokens in tokenized) and len({tokens[length] for tokens in tokenized}) == 1:
-            length += 1
-        return tokenized[0][: max(0, length - 1)]
+        pieces, add_bos = self._template_pieces([ChatMessage("user", "")])
+        return self._bos_tokens(add_bos) + self._llm.tokenize(pieces[0].encode("utf-8"), add_bos=False, special=True)
 
     def prompt_tokens(self, messages: Sequence[ChatMessage]) -> list[int]:
         """Apply the model's chat template and tokenize.
 
+        Only the template's own text may produce control tokens: a message's
+        text is tokenized as plain text, so "<|im_end|>" typed or pasted by a
+        user stays those characters and cannot end their turn or start
+        another role's.
+
         Raises PromptTooLongError when the prompt leaves no room for a reply token.
         """
-        formatted = self._formatter(messages=[{"role": m.role, "content": m.content} for m in messages])
-        tokens = self._llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True)
+        pieces, add_bos = self._template_pieces(messages)
+        tokens = self._bos_tokens(add_bos)
+        for position, template_text in enumerate(pieces):
+            if template_text:
+                tokens += self._llm.tokenize(template_text.encode("utf-8"), add_bos=False, special=True)
+            if position < len(messages) and messages[position].content:
+                tokens += self._llm.tokenize(messages[position].content.encode("utf-8"), add_bos=False, special=False)
         if len(tokens) >= self.n_ctx:
             raise PromptTooLongError(len(tokens), self.n_ctx)
         return tokens
+
+    def _template_pieces(self, messages: Sequence[ChatMessage]) -> tuple[list[str], bool]:
+        """Render the chat template with a marker for each message's text.
+
+        Return the template's text around the markers (one piece more than
+        messages) and whether a BOS token must start the prompt.
+        """
+        markers = [f"{MARKER_OPEN}{index}{MARKER_CLOSE}" for index in range(len(messages))]
+        formatted = self._formatter(messages=[{"role": m.role, "content": marker} for m, marker in zip(messages, markers)])
+        pieces = _split_at_markers(formatted.prompt, markers)
+        if pieces is None:
+            raise ValueError(f"the chat template of {self.model_name} does not place each message's text once and in order")
+        return pieces, not formatted.added_special
+
+    def _bos_tokens(self, add_bos: bool) -> list[int]:
+        """Return the tokens llama.cpp adds at the start of a text (a BOS, if the model has one), or none."""
+        return self._llm.tokenize(b"", add_bos=True, special=True) if add_bos else []
 
     def generate(
         self,
