@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +38,9 @@ log = logging.getLogger("confide.batch")
 
 BATCH_PERSON = b"confide:batch:v1"
 PUBLISH_CONCURRENCY = 64
+# Jobs sealed, stored and published together: one outbox commit each step,
+# and this many PubAcks outstanding at once.
+PUBLISH_CHUNK = 512
 READ_CONCURRENCY = 8
 RETRY_DELAY_S = 0.5
 
@@ -64,6 +67,7 @@ class BatchSettings:
     params: GenerationParams = field(default_factory=GenerationParams)
     first_chunk_timeout_s: float = 3600.0
     publish_concurrency: int = PUBLISH_CONCURRENCY
+    publish_chunk: int = PUBLISH_CHUNK
     read_concurrency: int = READ_CONCURRENCY
     # Each job waits a random time up to this many seconds before it is
     # published, so the broker cannot tie a burst of jobs to one client by timing.
@@ -115,6 +119,84 @@ class BatchRunner:
     async def submit(self, batch_id: str) -> None:
         """Publish every pending job of the batch, retrying through broker restarts."""
         self._count_from_outbox(batch_id)
+        if self._settings.max_delay_s > 0:
+            await self._submit_with_delays(batch_id)
+            return
+        chunk: list[OutboxJob] = []
+        for job in self._outbox.jobs(batch_id, (JobState.PENDING,)):
+            chunk.append(job)
+            if len(chunk) == self._settings.publish_chunk:
+                await self._submit_chunk(chunk)
+                chunk = []
+        if chunk:
+            await self._submit_chunk(chunk)
+
+    async def _submit_chunk(self, jobs: list[OutboxJob]) -> None:
+        """Seal, store, publish and record a chunk of jobs, with one outbox transaction for each step.
+
+        The order keeps the outbox's promise: a job's envelope and keys are
+        stored before it is published, and its acceptance after JetStream
+        acknowledged it, so a run stopped anywhere resubmits nothing twice.
+        """
+        ready: list[tuple[OutboxJob, PreparedJob]] = []
+        sealed: list[tuple[OutboxJob, PreparedJob]] = []
+        for job in jobs:
+            if not (job.prompt or "").strip() and job.secrets is None:
+                self._fail_job(job, "empty_prompt", "the prompt is empty")
+                continue
+            if job.secrets is not None:
+                ready.append((job, PreparedJob.from_secrets(job.secrets)))
+                continue
+            try:
+                sealed.append((job, await self._client.prepare([ChatMessage("user", job.prompt or "")], self._settings.params)))
+            except ConfideError as exc:
+                self._fail_job(job, type(exc).__name__, str(exc))
+        with self._outbox.transaction():
+            for job, prepared in sealed:
+                self._outbox.save_secrets(job, prepared.to_secrets())
+        ready += sealed
+
+        while ready:
+            accepted, unaccepted = await self._publish_all(ready)
+            with self._outbox.transaction():
+                for job, sequence in accepted:
+                    self._outbox.mark_accepted(job, sequence)
+            self.counts.submitted += len(accepted)
+            self._on_progress(self.counts)
+            if unaccepted:
+                log.warning("the broker accepted %d of %d jobs; publishing the rest again in %.1f s", len(accepted), len(ready), RETRY_DELAY_S)
+                await anyio.sleep(RETRY_DELAY_S)
+            ready = unaccepted
+
+    async def _publish_all(
+        self, ready: list[tuple[OutboxJob, PreparedJob]]
+    ) -> tuple[list[tuple[OutboxJob, int]], list[tuple[OutboxJob, PreparedJob]]]:
+        """Publish every job with its acknowledgement outstanding; return the accepted ones and the rest."""
+        started: list[tuple[OutboxJob, PreparedJob, Awaitable[int] | None]] = []
+        for job, prepared in ready:
+            try:
+                started.append((job, prepared, await self._client.start_publish(prepared)))
+            except BrokerError:
+                started.append((job, prepared, None))
+        accepted: list[tuple[OutboxJob, int]] = []
+        unaccepted: list[tuple[OutboxJob, PreparedJob]] = []
+        for job, prepared, acknowledgement in started:
+            try:
+                if acknowledgement is None:
+                    raise BrokerError("not sent")
+                accepted.append((job, await acknowledgement))
+            except BrokerError:
+                unaccepted.append((job, prepared))
+        return accepted, unaccepted
+
+    def _fail_job(self, job: OutboxJob, code: str, message: str) -> None:
+        self._outbox.finish(job, {"error": {"code": code, "message": message}}, failed=True)
+        self.counts.submitted += 1
+        self.counts.failed += 1
+        self._on_progress(self.counts)
+
+    async def _submit_with_delays(self, batch_id: str) -> None:
+        """Publish each job after its own random delay, many at once, so their timing does not show one client."""
         limiter = anyio.Semaphore(self._settings.publish_concurrency)
         async with anyio.create_task_group() as tg:
             for job in self._outbox.jobs(batch_id, (JobState.PENDING,)):
@@ -124,28 +206,21 @@ class BatchRunner:
     async def _submit_one(self, job: OutboxJob, limiter: anyio.Semaphore) -> None:
         try:
             if not (job.prompt or "").strip() and job.secrets is None:
-                self._outbox.finish(job, {"error": {"code": "empty_prompt", "message": "the prompt is empty"}}, failed=True)
-                self.counts.submitted += 1
-                self.counts.failed += 1
-                self._on_progress(self.counts)
+                self._fail_job(job, "empty_prompt", "the prompt is empty")
                 return
             if job.secrets is None:
                 prepared = await self._client.prepare([ChatMessage("user", job.prompt or "")], self._settings.params)
                 self._outbox.save_secrets(job, prepared.to_secrets())
             else:
                 prepared = PreparedJob.from_secrets(job.secrets)
-            if self._settings.max_delay_s > 0:
-                await anyio.sleep(secrets.SystemRandom().uniform(0, self._settings.max_delay_s))
+            await anyio.sleep(secrets.SystemRandom().uniform(0, self._settings.max_delay_s))
 
             sequence = await self._publish_until_accepted(prepared)
             self._outbox.mark_accepted(job, sequence)
             self.counts.submitted += 1
             self._on_progress(self.counts)
         except ConfideError as exc:
-            self._outbox.finish(job, {"error": {"code": type(exc).__name__, "message": str(exc)}}, failed=True)
-            self.counts.submitted += 1
-            self.counts.failed += 1
-            self._on_progress(self.counts)
+            self._fail_job(job, type(exc).__name__, str(exc))
         finally:
             limiter.release()
 

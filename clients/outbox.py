@@ -14,6 +14,7 @@ same message id, which JetStream's duplicate window discards.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -151,6 +152,17 @@ class Outbox:
 
     def batches(self) -> list[tuple[str, str, int]]:
         return self._db.execute("SELECT batch_id, output_path, total FROM batches ORDER BY created_at").fetchall()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Group updates into one SQLite transaction: one commit, instead of one for each statement."""
+        self._db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def save_secrets(self, job: OutboxJob, secrets: dict) -> None:
         """Store a pending job's envelope and keys before it is published."""

@@ -234,3 +234,49 @@ async def test_start_publish_broker_silent_raises(pool, tmp_path, monkeypatch):
     finally:
         stop(worker.process)
         stop(broker.process)
+
+
+async def test_batch_submit_survives_silent_broker(pool, tmp_path, monkeypatch):
+    """The broker stops answering mid-submit: unacknowledged jobs are published again, and each is stored once."""
+    import os
+    import signal
+
+    from confide.clients import client as client_module
+
+    monkeypatch.setattr(client_module, "PUBLISH_ACK_TIMEOUT_S", 0.5)
+    broker = start_broker(tmp_path / "broker")
+    worker = start_worker(broker.url, pool, tmp_path / "worker")
+    try:
+        rows = [{"id": str(n), "prompt": f"Say the number {n}."} for n in range(40)]
+        batch_id, parsed = read_input(write_input(tmp_path / "in.jsonl", rows))
+        outbox = open_outbox(tmp_path)
+        outbox.add_batch(batch_id, str(tmp_path / "out.jsonl"), parsed)
+        settings = BatchSettings(GenerationParams(max_tokens=4, temperature=0.0), publish_chunk=8)
+        paused = []
+
+        def pause_once(counts) -> None:
+            # After the first chunk is accepted, the broker goes silent for a while.
+            if counts.submitted >= 8 and not paused:
+                paused.append(True)
+                os.kill(broker.process.pid, signal.SIGSTOP)
+
+        async def resume_later() -> None:
+            while not paused:
+                await anyio.sleep(0.01)
+            await anyio.sleep(1.5)
+            os.kill(broker.process.pid, signal.SIGCONT)
+
+        async with await Client.connect(broker.url, pool.policy, reply_timeout_s=60) as client:
+            before = await jobs_last_sequence(client)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(resume_later)
+                await BatchRunner(client, outbox, settings, on_progress=pause_once).submit(batch_id)
+            after = await jobs_last_sequence(client)
+
+        assert paused
+        assert outbox.counts(batch_id)[JobState.ACCEPTED] + outbox.counts(batch_id)[JobState.DONE] == 40
+        assert after - before == 40
+    finally:
+        os.kill(broker.process.pid, signal.SIGCONT)
+        stop(worker.process)
+        stop(broker.process)
