@@ -135,8 +135,10 @@ class BatchRunner:
         """Seal, store, publish and record a chunk of jobs, with one outbox transaction for each step.
 
         The order keeps the outbox's promise: a job's envelope and keys are
-        stored before it is published, and its acceptance after JetStream
-        acknowledged it, so a run stopped anywhere resubmits nothing twice.
+        stored before it is published, and its acceptance only after
+        JetStream acknowledged it. A run stopped in between publishes the
+        same envelope again when started again, and its message id lets
+        JetStream store it once within the duplicate window.
         """
         ready: list[tuple[OutboxJob, PreparedJob]] = []
         sealed: list[tuple[OutboxJob, PreparedJob]] = []
@@ -181,12 +183,16 @@ class BatchRunner:
         accepted: list[tuple[OutboxJob, int]] = []
         unaccepted: list[tuple[OutboxJob, PreparedJob]] = []
         for job, prepared, acknowledgement in started:
-            try:
-                if acknowledgement is None:
-                    raise BrokerError("not sent")
-                accepted.append((job, await acknowledgement))
-            except BrokerError:
+            sequence = None
+            if acknowledgement is not None:
+                try:
+                    sequence = await acknowledgement
+                except BrokerError:
+                    pass  # published again by the caller
+            if sequence is None:
                 unaccepted.append((job, prepared))
+            else:
+                accepted.append((job, sequence))
         return accepted, unaccepted
 
     def _fail_job(self, job: OutboxJob, code: str, message: str) -> None:
