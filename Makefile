@@ -36,12 +36,12 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m confide.bench
 
-# Sends FUZZ_COUNT hostile jobs to a worker on a broker of its own
-# (make fuzz FUZZ_COUNT=5000); docs/fuzzing.md records a full run.
 # A 1,000-job batch through the real broker, worker and model (several minutes).
 soak: $(STAMP)
 	$(BIN)/python -m pytest -m slow tests/test_soak.py
 
+# Sends FUZZ_COUNT hostile jobs to a worker on a broker of its own
+# (make fuzz FUZZ_COUNT=5000); docs/fuzzing.md records a full run.
 fuzz: $(STAMP)
 	$(BIN)/python tests/fuzz_worker.py --count $(FUZZ_COUNT)
 

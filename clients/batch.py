@@ -32,6 +32,7 @@ from confide.errors import (
     ReplyOrderError,
 )
 from confide.schemas import crypto, subjects
+from confide.schemas.codec import encode
 from confide.schemas.messages import ChatMessage, GenerationParams
 
 log = logging.getLogger("confide.batch")
@@ -47,6 +48,10 @@ RETRY_DELAY_S = 0.5
 
 class BatchInputError(ConfideError):
     """The batch input file is not valid JSONL with a prompt on every line."""
+
+
+class BatchOutputError(ConfideError):
+    """The results file cannot be written where the user asked."""
 
 
 @dataclass
@@ -75,26 +80,51 @@ class BatchSettings:
 
 
 def read_input(path: Path) -> tuple[str, list[tuple[str, str]]]:
-    """Parse JSONL rows of {"id"?, "prompt"}; return the batch id and (id, prompt) rows."""
+    """Parse JSONL rows of {"id"?, "prompt"}; return the file's batch id and (id, prompt) rows.
+
+    A row without an id gets its line number. Ids must be unique, because
+    the results name their inputs by id.
+    """
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise BatchInputError(f"cannot read {path}: {exc.strerror}") from None
 
     rows = []
-    for number, line in enumerate(data.decode("utf-8", errors="strict").splitlines(), start=1):
+    first_line: dict[str, int] = {}
+    # utf-8-sig: a byte order mark, as some editors write, is not part of the first line.
+    for number, raw_line in enumerate(data.splitlines(), start=1):
+        try:
+            line = raw_line.decode("utf-8-sig" if number == 1 else "utf-8", errors="strict")
+        except UnicodeDecodeError as exc:
+            raise BatchInputError(f"{path}:{number}: not valid UTF-8 (byte {exc.start + 1} of the line)") from None
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-        except ValueError:
-            raise BatchInputError(f"{path}:{number}: not valid JSON") from None
+        except ValueError as exc:
+            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not valid JSON"
+            column = f", column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+            raise BatchInputError(f"{path}:{number}{column}: not valid JSON ({reason})") from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise BatchInputError(f'{path}:{number}: each line must be an object with a string "prompt"')
-        rows.append((str(row.get("id", number)), row["prompt"]))
+        input_id = str(row.get("id", number))
+        if input_id in first_line:
+            raise BatchInputError(f"{path}:{number}: id {input_id!r} repeats line {first_line[input_id]}; each line needs its own id")
+        first_line[input_id] = number
+        rows.append((input_id, row["prompt"]))
     if not rows:
         raise BatchInputError(f"{path} has no prompts")
     return crypto.digest(data, BATCH_PERSON, 16).hex(), rows
+
+
+def batch_id_for(input_id: str, params: GenerationParams) -> str:
+    """Name a batch by its input file and its generation settings.
+
+    The same file run again with the same settings resumes; with other
+    settings it is a batch of its own, rather than the earlier results.
+    """
+    return crypto.digest(bytes.fromhex(input_id) + encode(params.to_map()), BATCH_PERSON, 16).hex()
 
 
 class BatchRunner:
@@ -313,13 +343,30 @@ class BatchRunner:
 
 
 def write_results(outbox: Outbox, batch_id: str, output: Path) -> int:
-    """Write the batch's results in input order, atomically; return the number of rows."""
+    """Write the batch's results in input order, atomically; return the number of rows.
+
+    Raises BatchOutputError when the file cannot be written.
+    """
     temporary = output.with_name(output.name + ".partial")
     rows = 0
-    with temporary.open("w", encoding="utf-8") as handle:
-        for job in outbox.jobs(batch_id):
-            record = {"id": job.input_id, **(job.result or {})}
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-            rows += 1
-    os.replace(temporary, output)
+    try:
+        with temporary.open("w", encoding="utf-8") as handle:
+            for job in outbox.jobs(batch_id):
+                record = {"id": job.input_id, **(job.result or {})}
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                rows += 1
+        os.replace(temporary, output)
+    except OSError as exc:
+        raise BatchOutputError(f"cannot write the results to {output}: {exc.strerror}") from None
     return rows
+
+
+def check_output(output: Path) -> None:
+    """Raise BatchOutputError unless results can be written at `output`, before any job is sent."""
+    directory = output.resolve().parent
+    if not directory.is_dir():
+        raise BatchOutputError(f"cannot write the results to {output}: the folder {directory} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise BatchOutputError(f"cannot write the results to {output}: the folder {directory} is not writable")
+    if output.is_dir():
+        raise BatchOutputError(f"cannot write the results to {output}: it is a folder")

@@ -500,6 +500,7 @@ async def _ask(access: BrokerAccess, trust_path: Path, messages, params, timeout
 
 async def _stream_reply(client, messages, params) -> str:
     parts: list[str] = []
+    limit_notice = ""
     async for event in client.ask(messages, params):
         if event.restarted:
             parts.clear()
@@ -509,10 +510,21 @@ async def _stream_reply(client, messages, params) -> str:
             click.echo(event.text, nl=False)
             sys.stdout.flush()
         if event.final and event.finish == "length":
-            # On stderr, so a script that reads the reply from stdout gets only the reply.
-            click.echo(f"\n[the reply reached the token limit ({event.completion_tokens} tokens); raise --max-tokens for more]", err=True, nl=False)
+            limit_notice = _token_limit_notice(event.completion_tokens, params.max_tokens)
     click.echo()
+    if limit_notice:
+        # On stderr, so a script that reads the reply from stdout gets only the reply.
+        click.echo(limit_notice, err=True)
     return "".join(parts)
+
+
+def _token_limit_notice(completion_tokens: int, max_tokens: int) -> str:
+    if completion_tokens >= max_tokens:
+        return f"[the reply stopped at --max-tokens ({max_tokens} tokens); raise it for more]"
+    return (
+        f"[the reply stopped after {completion_tokens} tokens because the model's context was full; "
+        "start the workers with a larger --n-ctx, or shorten the conversation]"
+    )
 
 
 @main.command()
@@ -664,22 +676,28 @@ def batch(input_file: Path, output: Path, detach: bool, max_delay: float, outbox
     Run it again after an interruption: it continues where it stopped and
     does not resubmit accepted jobs.
     """
-    from confide.clients.batch import BatchSettings, read_input
+    from confide.clients.batch import BatchSettings, batch_id_for, check_output, read_input
     from confide.schemas.messages import GenerationParams
 
     url, trust_path = _resolve(state_dir, broker, trust)
+    params = GenerationParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
     try:
-        batch_id, rows = read_input(input_file)
+        check_output(output)
+        file_id, rows = read_input(input_file)
     except ConfideError as exc:
         _fail(str(exc))
-    settings = BatchSettings(GenerationParams(max_tokens=max_tokens, temperature=temperature, seed=seed), max_delay_s=max_delay)
+    batch_id = batch_id_for(file_id, params)
+    settings = BatchSettings(params, max_delay_s=max_delay)
     store = _open_outbox(state_dir, outbox, key_source)
     try:
         added = store.add_batch(batch_id, str(output.resolve()), rows)
-        click.echo(f"batch {batch_id}: {len(rows)} prompts ({added} new, {len(rows) - added} already in the outbox)", err=True)
+        noun = "prompt" if len(rows) == 1 else "prompts"
+        click.echo(f"batch {batch_id}: {len(rows)} {noun} ({added} new, {len(rows) - added} already in the outbox)", err=True)
         anyio.run(_run_batch, _client_access(state_dir, url, creds, tls_ca), trust_path, timeout, store, batch_id, output, settings, detach)
     except ConfideError as exc:
         _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted; run the same command again to continue: accepted jobs are not sent twice", 130)
     finally:
         store.close()
 
@@ -726,7 +744,7 @@ def fetch(wait: bool, outbox: Path | None, key_source: str, state_dir: Path, bro
 
 
 async def _fetch(access: BrokerAccess, trust_path, timeout, store, settings, wait) -> None:
-    from confide.clients.batch import BatchRunner, write_results
+    from confide.clients.batch import BatchOutputError, BatchRunner, write_results
     from confide.clients.client import Client
     from confide.clients.outbox import JobState
     from confide.clients.trust import load_trust
@@ -734,14 +752,23 @@ async def _fetch(access: BrokerAccess, trust_path, timeout, store, settings, wai
     async with await Client.connect(access.url, load_trust(trust_path), reply_timeout_s=timeout, log_monitor=_log_monitor(trust_path), **access.client_options()) as client:
         runner = BatchRunner(client, store, settings)
         await runner.collect(None, wait=wait)
+    failures = 0
     for batch_id, output_path, total in store.batches():
         counts = store.counts(batch_id)
         finished = counts[JobState.DONE] + counts[JobState.FAILED]
-        if finished == total:
-            rows = write_results(store, batch_id, Path(output_path))
-            click.echo(f"batch {batch_id}: complete, wrote {rows} results to {output_path}")
-        else:
+        if finished < total:
             click.echo(f"batch {batch_id}: {finished} of {total} finished; run 'confide fetch' again later")
+            continue
+        try:
+            rows = write_results(store, batch_id, Path(output_path))
+        except ConfideError as exc:
+            # One unwritable results file must not keep the other batches' results from their files.
+            failures += 1
+            click.echo(f"batch {batch_id}: complete, but {exc}; run 'confide batch' with the same input and another -o", err=True)
+            continue
+        click.echo(f"batch {batch_id}: complete, wrote {rows} results to {output_path}")
+    if failures:
+        raise BatchOutputError(f"{failures} finished batch(es) could not write their results")
 
 
 @main.group()
