@@ -141,6 +141,22 @@ class ReplyEvent:
     completion_tokens: int = 0
 
 
+class _Acknowledgement:
+    """An awaitable of one job's stream sequence.
+
+    It makes its coroutine only when awaited, so one that is dropped
+    unawaited (a batch interrupted mid-chunk) leaves no "never awaited" warning.
+    """
+
+    __slots__ = ("_future",)
+
+    def __init__(self, future: asyncio.Future) -> None:
+        self._future = future
+
+    def __await__(self):
+        return _stream_sequence(self._future).__await__()
+
+
 async def _stream_sequence(future: asyncio.Future) -> int:
     """Wait for a PubAck from nats-py's publish_async and return its stream sequence."""
     try:
@@ -312,7 +328,7 @@ class Client:
             )
         except nats.errors.Error as exc:
             raise BrokerError(f"the broker did not accept the job: {type(exc).__name__}") from None
-        return _stream_sequence(future)
+        return _Acknowledgement(future)
 
     async def replies(self, job: PendingJob, first_chunk_timeout_s: float | None = None) -> AsyncIterator[ReplyEvent]:
         """Yield the job's reply as it arrives; raise on tampering, an error reply or a timeout.
