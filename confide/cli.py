@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -113,11 +114,17 @@ def up(state_dir: Path, workers: int, port: int, model: Path | None, n_ctx: int 
         stack.wait_for_port(HOST, port, 15, broker)
         release_options = _role_options(_role_credentials(None, credentials.release), RELEASE_INBOX_PREFIX, None)
         anyio.run(functools.partial(publish_release_log, url, state.release_log, log_key, connect_options=release_options))
+        # Each worker gets its share of the cores: llama.cpp's OpenMP threads
+        # spin while they wait, so workers that each take every core slow
+        # one another down many times over.
+        threads_each = max(1, (os.cpu_count() or 1) // workers)
         for index in range(workers):
             state.worker_stats(index).unlink(missing_ok=True)
-            record["worker_pids"].append(stack.start_worker(state, index, url, model, n_ctx, credentials=credentials.worker).pid)
+            record["worker_pids"].append(
+                stack.start_worker(state, index, url, model, n_ctx, threads=threads_each, credentials=credentials.worker).pid
+            )
         state.save(record)
-        click.echo(f"Broker listening on {url}; starting {workers} worker(s)...", err=True)
+        click.echo(f"Broker listening on {url}; starting {workers} worker(s) with {threads_each} llama.cpp thread(s) each...", err=True)
         _wait_for_workers(state, record, timeout_s=180)
         pool = anyio.run(_check_pool, _client_access(state_dir, url, None, None), state.trust)
     except (RuntimeError, TimeoutError, ConfideError) as exc:

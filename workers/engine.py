@@ -119,10 +119,16 @@ class Engine:
         silence_native_logs()
         self.settings = settings
         self.model_name = settings.model_path.name
+        threads = settings.n_threads or os.cpu_count() or 1
         self._llm = llama_cpp.Llama(
             model_path=str(settings.model_path),
             n_ctx=settings.n_ctx,
-            n_threads=settings.n_threads or os.cpu_count() or 1,
+            n_threads=threads,
+            # llama-cpp-python 0.3.36 gives prompt evaluation every core unless
+            # told otherwise. Two workers on one machine, each limited by
+            # --threads, then still evaluate prompts with all cores at once,
+            # and their OpenMP threads wait on each other for seconds.
+            n_threads_batch=threads,
             n_batch=settings.n_batch,
             verbose=False,
         )
