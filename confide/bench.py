@@ -262,6 +262,85 @@ async def _publish_many(client: Client, messages, params, jobs: int, window: int
     return time.perf_counter() - started, sealing_s, rss
 
 
+async def concurrent_bench(args: argparse.Namespace) -> int:
+    """Run `--concurrency` jobs at a time through a pool of `--workers` workers; report aggregate tokens per second.
+
+    The reference is llama-cpp-python called directly on the same prompts,
+    one after another, with all the machine's threads: llama.cpp's own
+    server, which the goal names, is not installed here.
+    """
+    import llama_cpp
+
+    model = default_model_path()
+    settings = EngineSettings(model, args.n_ctx, args.worker_threads)
+    prompts = [prompt for _, prompt in load_prompts(PROMPTS)[: args.limit or None]]
+    params = GenerationParams(max_tokens=args.max_tokens, temperature=0.0)
+
+    with tempfile.TemporaryDirectory(prefix="confide-bench-") as temporary:
+        state = stack.StackState(Path(temporary))
+        platform_key = create_platform_key(state.platform_key)
+        measurement = measure(model, settings.measured())
+        log_key = load_or_create_log_key(state.log_key)
+        append_release(state.release_log, measurement)
+        policy = stack.local_trust_policy(platform_key.verify_key, measurement, log_key.verify_key)
+        save_trust(state.trust, policy)
+        port = stack.free_port()
+        broker, url = stack.start_broker(state, stack.HOST, port)
+        workers = []
+        try:
+            stack.wait_for_port(stack.HOST, port, 15, broker)
+            await publish_release_log(url, state.release_log, log_key)
+            for index in range(args.workers):
+                workers.append(stack.start_worker(state, index, url, None, args.n_ctx, threads=args.worker_threads))
+                deadline = time.monotonic() + 120
+                while not state.worker_stats(index).exists():
+                    if workers[-1].poll() is not None or time.monotonic() > deadline:
+                        print(state.worker_log(index).read_text(errors="replace"), file=sys.stderr)
+                        return 1
+                    await anyio.sleep(0.1)
+
+            async with await Client.connect(url, policy, reply_timeout_s=600) as client:
+                await client.ask_text([ChatMessage("user", "warm up")], GenerationParams(max_tokens=8, temperature=0.0))
+                tokens = 0
+                limiter = anyio.Semaphore(args.concurrency)
+
+                async def one(prompt: str) -> None:
+                    nonlocal tokens
+                    async with limiter:
+                        async for event in client.ask([ChatMessage("user", prompt)], params):
+                            if event.final:
+                                tokens += event.completion_tokens
+
+                started = time.perf_counter()
+                async with anyio.create_task_group() as tg:
+                    for prompt in prompts:
+                        tg.start_soon(one, prompt)
+                confide_s = time.perf_counter() - started
+        finally:
+            for worker in workers:
+                stack.stop_process(worker.pid)
+            stack.stop_process(broker.pid)
+
+    silence_native_logs()
+    llm = llama_cpp.Llama(model_path=str(model), n_ctx=args.n_ctx, n_threads=os.cpu_count(), verbose=False)
+    run_direct(llm, "warm up", 8)
+    direct_tokens = 0
+    started = time.perf_counter()
+    for prompt in prompts:
+        result = llm.create_chat_completion(messages=[{"role": "user", "content": prompt}], temperature=0.0, max_tokens=args.max_tokens)
+        direct_tokens += result["usage"]["completion_tokens"]
+    direct_s = time.perf_counter() - started
+
+    print(f"date:     {time.strftime('%Y-%m-%d')}")
+    print(f"machine:  {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}")
+    print(f"jobs:     {len(prompts)} prompts, {args.concurrency} at a time, max_tokens {args.max_tokens}, greedy")
+    print(f"pool:     {args.workers} worker(s) with {args.worker_threads} llama.cpp thread(s) each")
+    print()
+    print(f"confide, aggregate: {tokens / confide_s:.1f} completion tokens/s ({tokens} tokens in {confide_s:.1f} s)")
+    print(f"direct, one prompt at a time with {os.cpu_count()} threads: {direct_tokens / direct_s:.1f} completion tokens/s ({direct_tokens} tokens in {direct_s:.1f} s)")
+    return 0
+
+
 def _resident_bytes() -> int:
     """Return this process's resident set size, from /proc (Linux)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -272,14 +351,17 @@ def _resident_bytes() -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", nargs="?", choices=("generate", "accept", "all"), default="all", help="what to measure [default: all]")
+    parser.add_argument("mode", nargs="?", choices=("generate", "accept", "concurrent", "all"), default="all", help="what to measure [default: all]")
     parser.add_argument("--rounds", type=int, default=1, help="generate: passes over the prompt set")
-    parser.add_argument("--max-tokens", type=int, default=128, help="generate: tokens generated per prompt")
+    parser.add_argument("--max-tokens", type=int, default=128, help="generate, concurrent: tokens generated per prompt")
     parser.add_argument("--n-ctx", type=int, default=DEFAULT_N_CTX, help="model context size")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="generate: llama.cpp threads on both paths")
-    parser.add_argument("--limit", type=int, default=0, help="generate: use only the first N prompts (0: all)")
+    parser.add_argument("--limit", type=int, default=0, help="generate, concurrent: use only the first N prompts (0: all)")
     parser.add_argument("--jobs", type=int, default=100_000, help="accept: jobs to seal and publish")
     parser.add_argument("--window", type=int, default=1024, help="accept: publishes awaiting their PubAck at once")
+    parser.add_argument("--concurrency", type=int, default=8, help="concurrent: jobs in flight at once")
+    parser.add_argument("--workers", type=int, default=2, help="concurrent: workers in the pool")
+    parser.add_argument("--worker-threads", type=int, default=1, help="concurrent: llama.cpp threads in each worker")
     args = parser.parse_args()
     status = 0
     if args.mode in ("generate", "all"):
@@ -287,6 +369,9 @@ def main() -> None:
     if status == 0 and args.mode in ("accept", "all"):
         print()
         status = anyio.run(accept_bench, args)
+    if status == 0 and args.mode in ("concurrent", "all"):
+        print()
+        status = anyio.run(concurrent_bench, args)
     sys.exit(status)
 
 
