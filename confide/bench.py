@@ -138,7 +138,7 @@ async def bench(args: argparse.Namespace) -> int:
                 await anyio.sleep(0.1)
 
             silence_native_logs()
-            llm = llama_cpp.Llama(model_path=str(model), n_ctx=args.n_ctx, n_threads=args.threads, verbose=False)
+            llm = llama_cpp.Llama(model_path=str(model), n_ctx=args.n_ctx, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
             direct: list[Sample] = []
             encrypted: list[Sample] = []
             mismatched = 0
