@@ -395,16 +395,23 @@ def relay_config(
 # -- client commands -----------------------------------------------------------------
 
 
-def _client_options(function):
+def _connection_options(function):
+    """Add the options of a client command that talks to the broker: where, with which credentials and trust."""
     function = state_dir_option(function)
     function = broker_option(function)
     function = creds_option(function)
     function = tls_ca_option(function)
     function = click.option("--trust", type=click.Path(dir_okay=False, path_type=Path), help="Trust policy JSON [default: STATE_DIR/trust.json].")(function)
+    function = click.option("--timeout", type=click.FloatRange(1, 86400), default=300, show_default=True, help="Seconds to wait between reply chunks.")(function)
+    return function
+
+
+def _client_options(function):
+    """Add the connection options and the generation settings of a command that sends jobs."""
+    function = _connection_options(function)
     function = click.option("--max-tokens", type=click.IntRange(1, 32768), default=512, show_default=True, help="Maximum number of tokens to generate.")(function)
     function = click.option("--temperature", type=click.FloatRange(0.0, 2.0), default=0.7, show_default=True, help="Sampling temperature; 0 is greedy.")(function)
     function = click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=None, help="Sampling seed, for repeatable replies.")(function)
-    function = click.option("--timeout", type=click.FloatRange(1, 86400), default=300, show_default=True, help="Seconds to wait between reply chunks.")(function)
     return function
 
 
@@ -630,11 +637,11 @@ class _BatchDisplay:
     def __init__(self, total: int) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+        # Short labels and a short bar, so the line fits in 80 columns.
         self._progress = Progress(
-            TextColumn("[bold]batch"),
-            BarColumn(),
+            BarColumn(bar_width=12),
             MofNCompleteColumn(),
-            TextColumn("submitted {task.fields[submitted]} · running {task.fields[running]} · done {task.fields[done]} · failed {task.fields[failed]}"),
+            TextColumn("sent {task.fields[submitted]} · running {task.fields[running]} · done {task.fields[done]} · failed {task.fields[failed]}"),
             TextColumn("{task.fields[rate]}"),
             TimeRemainingColumn(),
             console=None,
@@ -651,7 +658,7 @@ class _BatchDisplay:
 
     def update(self, counts) -> None:
         task = self._progress.tasks[self._task]
-        rate = f"{task.speed:.1f} jobs/s" if task.speed else ""
+        rate = f"{task.speed:.1f}/s" if task.speed else ""
         self._progress.update(
             self._task,
             total=counts.total,
@@ -735,9 +742,9 @@ async def _run_batch(access: BrokerAccess, trust_path, timeout, store, batch_id,
 @main.command()
 @click.option("--wait", is_flag=True, help="Wait for every accepted job's reply instead of collecting only what has arrived.")
 @_outbox_options
-@_client_options
-def fetch(wait: bool, outbox: Path | None, key_source: str, state_dir: Path, broker: str | None, creds: Path | None, tls_ca: Path | None, trust: Path | None, max_tokens: int, temperature: float, seed: int | None, timeout: float) -> None:
-    """Collect replies of detached batches and write the results of finished ones."""
+@_connection_options
+def fetch(wait: bool, outbox: Path | None, key_source: str, state_dir: Path, broker: str | None, creds: Path | None, tls_ca: Path | None, trust: Path | None, timeout: float) -> None:
+    """Collect replies of detached batches and write the results of the ones that finish."""
     from confide.clients.batch import BatchSettings
 
     url, trust_path = _resolve(state_dir, broker, trust)
@@ -756,15 +763,24 @@ async def _fetch(access: BrokerAccess, trust_path, timeout, store, settings, wai
     from confide.clients.outbox import JobState
     from confide.clients.trust import load_trust
 
+    def finished(batch_id: str) -> int:
+        counts = store.counts(batch_id)
+        return counts[JobState.DONE] + counts[JobState.FAILED]
+
+    # A batch that was complete before this fetch already has its results
+    # file; writing it again would undo a user's edits or a move.
+    complete_before = {batch_id for batch_id, _, total in store.batches() if finished(batch_id) == total}
     async with await Client.connect(access.url, load_trust(trust_path), reply_timeout_s=timeout, log_monitor=_log_monitor(trust_path), **access.client_options()) as client:
         runner = BatchRunner(client, store, settings)
         await runner.collect(None, wait=wait)
     failures = 0
+    if all(batch_id in complete_before for batch_id, _, _ in store.batches()):
+        click.echo("nothing to collect: every batch in the outbox is complete and its results are written")
     for batch_id, output_path, total in store.batches():
-        counts = store.counts(batch_id)
-        finished = counts[JobState.DONE] + counts[JobState.FAILED]
-        if finished < total:
-            click.echo(f"batch {batch_id}: {finished} of {total} finished; run 'confide fetch' again later")
+        if batch_id in complete_before:
+            continue
+        if finished(batch_id) < total:
+            click.echo(f"batch {batch_id}: {finished(batch_id)} of {total} finished; run 'confide fetch' again later")
             continue
         try:
             rows = write_results(store, batch_id, Path(output_path))

@@ -248,3 +248,35 @@ def test_cli_up_status_ask_down(tmp_path, prompts):
     assert stopped.returncode == 0, stopped.stderr
     assert not (tmp_path / "stack" / "stack.json").exists()
     assert "no local stack is recorded" in confide("status", *common).stderr
+
+
+def test_cli_batch_detach_then_fetch(tmp_path, prompts):
+    """`confide batch --detach` then `confide fetch --wait` writes the results once; a later fetch leaves them alone."""
+    state = str(tmp_path / "stack")
+    common = ["--state-dir", state]
+    rows = [{"id": "en", "prompt": prompts["p15"]["prompt"]}, {"id": "hi", "prompt": prompts["p21"]["prompt"]}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    results = tmp_path / "out.jsonl"
+
+    started = confide("up", "--port", "0", *common)
+    try:
+        assert started.returncode == 0, started.stderr
+        detached = confide("batch", str(tmp_path / "in.jsonl"), "-o", str(results), "--detach", "--max-tokens", "12", *common)
+        assert detached.returncode == 0, detached.stderr
+        assert "run 'confide fetch' to collect the replies (2 waiting)" in detached.stderr
+        assert not results.exists()
+
+        fetched = confide("fetch", "--wait", *common)
+        assert fetched.returncode == 0, fetched.stderr
+        assert f"complete, wrote 2 results to {results}" in fetched.stdout
+        written = [json.loads(line) for line in results.read_text(encoding="utf-8").splitlines()]
+        assert [row["id"] for row in written] == ["en", "hi"]
+        assert all(row["reply"] for row in written)
+
+        results.write_text("edited by the user\n", encoding="utf-8")
+        again = confide("fetch", *common)
+        assert again.returncode == 0, again.stderr
+        assert "nothing to collect" in again.stdout
+        assert results.read_text(encoding="utf-8") == "edited by the user\n"
+    finally:
+        confide("down", *common)
