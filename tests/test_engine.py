@@ -99,3 +99,18 @@ def test_engine_failed_job_leaves_only_opening(engine):
         engine.generate(engine.prompt_tokens([ChatMessage("user", "Count to ten.")]), GREEDY, fail, threading.Event())
 
     assert context_tokens(engine) == engine._opening
+
+
+def test_engine_template_dropping_message_rejected(engine, monkeypatch):
+    """A chat template that leaves out a message's text raises TemplateMismatchError rather than losing the text."""
+    from confide.workers.engine import TemplateMismatchError
+
+    original = engine._formatter
+
+    def drop_system(messages):
+        return original(messages=[message for message in messages if message["role"] != "system"])
+
+    monkeypatch.setattr(engine, "_formatter", drop_system)
+
+    with pytest.raises(TemplateMismatchError, match="does not place each message's text once and in order"):
+        engine.prompt_tokens([ChatMessage("system", "Be brief."), ChatMessage("user", "Hi")])

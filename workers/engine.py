@@ -40,6 +40,10 @@ class ModelNotFoundError(FileNotFoundError):
     pass
 
 
+class TemplateMismatchError(ValueError):
+    """The chat template drops, repeats or reorders a message's text, so it cannot be tokenized apart."""
+
+
 class PromptTooLongError(Exception):
     def __init__(self, prompt_tokens: int, limit: int) -> None:
         super().__init__(f"the prompt is {prompt_tokens} tokens but the model's context holds {limit}")
@@ -195,7 +199,7 @@ class Engine:
         formatted = self._formatter(messages=[{"role": m.role, "content": marker} for m, marker in zip(messages, markers)])
         pieces = _split_at_markers(formatted.prompt, markers)
         if pieces is None:
-            raise ValueError(f"the chat template of {self.model_name} does not place each message's text once and in order")
+            raise TemplateMismatchError(f"the chat template of {self.model_name} does not place each message's text once and in order")
         return pieces, not formatted.added_special
 
     def _bos_tokens(self, add_bos: bool) -> list[int]:

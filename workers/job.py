@@ -26,7 +26,7 @@ from confide.errors import AuthenticationError, DecodeError
 from confide.schemas import crypto, subjects
 from confide.schemas.messages import ChunkBody, JobEnvelope, JobRequest, envelope_digest
 from confide.schemas.reply_keys import ReplySender
-from confide.workers.engine import Engine, GenerationResult, PromptTooLongError
+from confide.workers.engine import Engine, GenerationResult, PromptTooLongError, TemplateMismatchError
 from confide.workers.pool_key import PoolKeyHolder
 from confide.workers.stats import WorkerStats
 
@@ -230,6 +230,12 @@ class JobRunner:
         except PromptTooLongError as exc:
             detail = f"the prompt is {exc.prompt_tokens} tokens but the model's context holds {exc.limit}; shorten it"
             await self._finish_with_error(message, sender, reply_subject, "prompt_too_long", detail, sequence)
+            return
+        except TemplateMismatchError:
+            # For example a template that drops system messages: this job's
+            # messages cannot be placed, though other jobs' can.
+            detail = "the model's chat template cannot place these messages; send them with other roles"
+            await self._finish_with_error(message, sender, reply_subject, "invalid_messages", detail, sequence)
             return
 
         send_text, receive_text = anyio.create_memory_object_stream[str](max_buffer_size=float("inf"))
