@@ -25,8 +25,8 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	@prompt=$$($(BIN)/python -c 'import json,sys; rows=[json.loads(l) for l in open("tests/prompts.jsonl", encoding="utf-8")]; print(next(r["prompt"] for r in rows if r["id"]==sys.argv[1]))' $(DEMO_PROMPT)); \
+	trap '$(BIN)/confide down --state-dir $(DEMO_STATE)' EXIT; trap 'exit 130' INT TERM; \
 	$(BIN)/confide up --state-dir $(DEMO_STATE) --port 0 || exit 1; \
-	trap '$(BIN)/confide down --state-dir $(DEMO_STATE)' EXIT; \
 	echo; echo "prompt ($(DEMO_PROMPT)): $$prompt"; echo; \
 	$(BIN)/confide ask --state-dir $(DEMO_STATE) --max-tokens 200 "$$prompt"
 
