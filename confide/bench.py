@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import platform
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,13 +108,27 @@ def summarise(name: str, samples: list[Sample]) -> dict[str, float]:
     }
 
 
-async def bench(args: argparse.Namespace) -> int:
-    import llama_cpp
+class WorkerStartFailed(Exception):
+    """A benchmark worker exited or was not ready in time; its log was printed."""
 
+
+@dataclass
+class LocalPool:
+    url: str
+    policy: object
+    workers: list
+
+
+@contextlib.asynccontextmanager
+async def local_pool(n_ctx: int, workers: int, threads: int | None) -> AsyncIterator[LocalPool]:
+    """Start a loopback broker and `workers` workers in a temporary state folder; stop them on exit.
+
+    The broker is open: credentials cost nothing per token, so the
+    comparisons are the same as with `confide up`'s secured one. Raises
+    WorkerStartFailed, after printing the worker's log, when a worker fails to start.
+    """
     model = default_model_path()
-    settings = EngineSettings(model, args.n_ctx, args.threads)
-    prompts = load_prompts(PROMPTS)[: args.limit or None]
-
+    settings = EngineSettings(model, n_ctx, threads)
     with tempfile.TemporaryDirectory(prefix="confide-bench-") as temporary:
         state = stack.StackState(Path(temporary))
         platform_key = create_platform_key(state.platform_key)
@@ -122,27 +138,40 @@ async def bench(args: argparse.Namespace) -> int:
         policy = stack.local_trust_policy(platform_key.verify_key, measurement, log_key.verify_key)
         save_trust(state.trust, policy)
         port = stack.free_port()
-        # An open loopback broker: credentials cost nothing per token, so the
-        # comparison is the same with `confide up`'s secured one.
         broker, url = stack.start_broker(state, stack.HOST, port)
-        worker = None
+        pool = LocalPool(url, policy, [])
         try:
             stack.wait_for_port(stack.HOST, port, 15, broker)
             await publish_release_log(url, state.release_log, log_key)
-            worker = stack.start_worker(state, 0, url, None, args.n_ctx, threads=args.threads)
-            deadline = time.monotonic() + 120
-            while not state.worker_stats(0).exists():
-                if worker.poll() is not None or time.monotonic() > deadline:
-                    print(state.worker_log(0).read_text(errors="replace"), file=sys.stderr)
-                    return 1
-                await anyio.sleep(0.1)
+            for index in range(workers):
+                pool.workers.append(stack.start_worker(state, index, url, None, n_ctx, threads=threads))
+                deadline = time.monotonic() + 120
+                while not state.worker_stats(index).exists():
+                    if pool.workers[-1].poll() is not None or time.monotonic() > deadline:
+                        print(state.worker_log(index).read_text(errors="replace"), file=sys.stderr)
+                        raise WorkerStartFailed
+                    await anyio.sleep(0.1)
+            yield pool
+        finally:
+            for worker in pool.workers:
+                stack.stop_process(worker.pid)
+            stack.stop_process(broker.pid)
 
+
+async def bench(args: argparse.Namespace) -> int:
+    import llama_cpp
+
+    model = default_model_path()
+    prompts = load_prompts(PROMPTS)[: args.limit or None]
+
+    try:
+        async with local_pool(args.n_ctx, 1, args.threads) as pool:
             silence_native_logs()
             llm = llama_cpp.Llama(model_path=str(model), n_ctx=args.n_ctx, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
             direct: list[Sample] = []
             encrypted: list[Sample] = []
             mismatched = 0
-            async with await Client.connect(url, policy) as client:
+            async with await Client.connect(pool.url, pool.policy) as client:
                 await client.ask_text([ChatMessage("user", "warm up")], GenerationParams(max_tokens=8, temperature=0.0))
                 run_direct(llm, "warm up", 8)
                 for round_index in range(args.rounds):
@@ -158,10 +187,8 @@ async def bench(args: argparse.Namespace) -> int:
                             f"direct {d_ttft * 1000:.0f} ms TTFT, encrypted {e_ttft * 1000:.0f} ms TTFT",
                             file=sys.stderr,
                         )
-        finally:
-            if worker is not None:
-                stack.stop_process(worker.pid)
-            stack.stop_process(broker.pid)
+    except WorkerStartFailed:
+        return 1
 
     d = summarise("direct llama-cpp-python", direct)
     e = summarise("confide encrypted path", encrypted)
@@ -187,42 +214,20 @@ async def accept_bench(args: argparse.Namespace) -> int:
     document, then stops, so nothing consumes the jobs and the client has
     the machine's cores to itself, as a client device would.
     """
-    model = default_model_path()
-    settings = EngineSettings(model, args.n_ctx, 1)
     prompt = load_prompts(PROMPTS)[0][1]
     messages = [ChatMessage("user", prompt)]
     params = GenerationParams(max_tokens=64)
 
-    with tempfile.TemporaryDirectory(prefix="confide-bench-") as temporary:
-        state = stack.StackState(Path(temporary))
-        platform_key = create_platform_key(state.platform_key)
-        measurement = measure(model, settings.measured())
-        log_key = load_or_create_log_key(state.log_key)
-        append_release(state.release_log, measurement)
-        policy = stack.local_trust_policy(platform_key.verify_key, measurement, log_key.verify_key)
-        save_trust(state.trust, policy)
-        port = stack.free_port()
-        broker, url = stack.start_broker(state, stack.HOST, port)
-        try:
-            stack.wait_for_port(stack.HOST, port, 15, broker)
-            await publish_release_log(url, state.release_log, log_key)
-            worker = stack.start_worker(state, 0, url, None, args.n_ctx, threads=1)
-            try:
-                deadline = time.monotonic() + 120
-                while not state.worker_stats(0).exists():
-                    if worker.poll() is not None or time.monotonic() > deadline:
-                        print(state.worker_log(0).read_text(errors="replace"), file=sys.stderr)
-                        return 1
-                    await anyio.sleep(0.1)
-            finally:
+    try:
+        async with local_pool(args.n_ctx, 1, 1) as pool:
+            for worker in pool.workers:
                 stack.stop_process(worker.pid)
-
-            async with await Client.connect(url, policy) as client:
+            async with await Client.connect(pool.url, pool.policy) as client:
                 await client.attest()
                 envelope_size = len((await client.prepare(messages, params)).envelope)
                 result = await _publish_many(client, messages, params, args.jobs, args.window)
-        finally:
-            stack.stop_process(broker.pid)
+    except WorkerStartFailed:
+        return 1
 
     elapsed, sealing_s, rss = result
     print(f"date:     {time.strftime('%Y-%m-%d')}")
@@ -272,34 +277,12 @@ async def concurrent_bench(args: argparse.Namespace) -> int:
     import llama_cpp
 
     model = default_model_path()
-    settings = EngineSettings(model, args.n_ctx, args.worker_threads)
     prompts = [prompt for _, prompt in load_prompts(PROMPTS)[: args.limit or None]]
     params = GenerationParams(max_tokens=args.max_tokens, temperature=0.0)
 
-    with tempfile.TemporaryDirectory(prefix="confide-bench-") as temporary:
-        state = stack.StackState(Path(temporary))
-        platform_key = create_platform_key(state.platform_key)
-        measurement = measure(model, settings.measured())
-        log_key = load_or_create_log_key(state.log_key)
-        append_release(state.release_log, measurement)
-        policy = stack.local_trust_policy(platform_key.verify_key, measurement, log_key.verify_key)
-        save_trust(state.trust, policy)
-        port = stack.free_port()
-        broker, url = stack.start_broker(state, stack.HOST, port)
-        workers = []
-        try:
-            stack.wait_for_port(stack.HOST, port, 15, broker)
-            await publish_release_log(url, state.release_log, log_key)
-            for index in range(args.workers):
-                workers.append(stack.start_worker(state, index, url, None, args.n_ctx, threads=args.worker_threads))
-                deadline = time.monotonic() + 120
-                while not state.worker_stats(index).exists():
-                    if workers[-1].poll() is not None or time.monotonic() > deadline:
-                        print(state.worker_log(index).read_text(errors="replace"), file=sys.stderr)
-                        return 1
-                    await anyio.sleep(0.1)
-
-            async with await Client.connect(url, policy, reply_timeout_s=600) as client:
+    try:
+        async with local_pool(args.n_ctx, args.workers, args.worker_threads) as pool:
+            async with await Client.connect(pool.url, pool.policy, reply_timeout_s=600) as client:
                 await client.ask_text([ChatMessage("user", "warm up")], GenerationParams(max_tokens=8, temperature=0.0))
                 tokens = 0
                 limiter = anyio.Semaphore(args.concurrency)
@@ -316,10 +299,8 @@ async def concurrent_bench(args: argparse.Namespace) -> int:
                     for prompt in prompts:
                         tg.start_soon(one, prompt)
                 confide_s = time.perf_counter() - started
-        finally:
-            for worker in workers:
-                stack.stop_process(worker.pid)
-            stack.stop_process(broker.pid)
+    except WorkerStartFailed:
+        return 1
 
     silence_native_logs()
     llm = llama_cpp.Llama(model_path=str(model), n_ctx=args.n_ctx, n_threads=os.cpu_count(), verbose=False)
