@@ -317,7 +317,7 @@ class BatchRunner:
                     if event.final:
                         return {"reply": "".join(parts), "finish": event.finish, "completion_tokens": event.completion_tokens}, False
             except KeyExpiredError:
-                log.info("the pool no longer holds a batch job's pool key; sealing the job again")
+                log.info("the pool no longer has a batch job's pool key; sealing the job again")
                 await self._reseal(job)
                 continue
             except ReplyError as exc:

@@ -73,9 +73,9 @@ NOTICE_POLL_S = 2.0
 RESUBMISSIONS = 3
 # "Nats-Msg-Id: <32 hex digits>" plus the NATS/1.0 header line and CRLFs.
 MESSAGE_ID_HEADER_SIZE = 64
-# How long start_publish's awaitable waits for JetStream's PubAck; publish()
-# waits nats-py's JetStream default, 5 s in nats-py 2.16, so this allows for a
-# long queue of acknowledgements ahead of it.
+# How long start_publish's awaitable waits for JetStream's PubAck. It is
+# longer than publish()'s wait (nats-py 2.16's JetStream default, 5 s),
+# because many acknowledgements may be queued ahead of this one.
 PUBLISH_ACK_TIMEOUT_S = 10.0
 
 
@@ -87,7 +87,7 @@ class PendingJob:
     reply_subject: str
     stream_sequence: int
     # Digest of the published envelope: a worker that finds the job sealed to
-    # a pool key the pool no longer holds files a signed notice under reply_subject(digest).
+    # a pool key the pool no longer has files a signed notice under reply_subject(digest).
     envelope_digest: bytes | None = None
 
     def __repr__(self) -> str:
@@ -405,7 +405,7 @@ class Client:
             except TimeoutError:
                 pass
             if await self._expired_notice(digest):
-                raise KeyExpiredError("the pool no longer holds the key this job was sealed to; seal it again")
+                raise KeyExpiredError("the pool no longer has the key this job was sealed to; seal it again")
 
     async def _expired_notice(self, digest: bytes) -> bool:
         """Return True if an attested worker signed a key notice for this envelope digest."""
@@ -425,7 +425,7 @@ class Client:
         return crypto.constant_time_equal(body.key, digest)
 
     async def ask(self, messages: Sequence[ChatMessage], params: GenerationParams = GenerationParams()) -> AsyncIterator[ReplyEvent]:
-        """Submit a job and yield its reply; a job sealed to a key the pool no longer holds is sealed again by itself."""
+        """Submit a job and yield its reply; a job sealed to a key the pool no longer has is sealed again by itself."""
         for _ in range(RESUBMISSIONS):
             job = await self.submit(messages, params)
             try:
@@ -433,10 +433,10 @@ class Client:
                     yield event
                 return
             except KeyExpiredError:
-                log.info("the pool no longer holds the key this job was sealed to; sealing the job again to the current key")
+                log.info("the pool no longer has the key this job was sealed to; sealing the job again to the current key")
                 await self.attest(refresh=True)
         raise KeyExpiredError(
-            f"the job was sealed {RESUBMISSIONS} times to a pool key the pool no longer holds; check the pool's key rotation settings"
+            f"the job was sealed {RESUBMISSIONS} times to a pool key the pool no longer has; check the pool's key rotation settings"
         )
 
     async def ask_text(self, messages: Sequence[ChatMessage], params: GenerationParams = GenerationParams()) -> str:

@@ -100,4 +100,4 @@ class WorkerStartError(ConfideError):
 
 
 class KeyExpiredError(ConfideError):
-    """A worker reported, with a signed notice, that the pool no longer holds (or never held) the job's pool key."""
+    """A worker reported, with a signed notice, that the pool no longer has (or never had) the job's pool key."""

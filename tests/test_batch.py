@@ -207,7 +207,7 @@ async def test_start_publish_many_in_flight(client):
 
 
 async def test_start_publish_broker_silent_raises(pool, tmp_path, monkeypatch):
-    """A broker that stops answering makes the awaitable raise BrokerError, and frees its pending slot."""
+    """A broker that stops responding makes the awaitable raise BrokerError, and frees its pending slot."""
     import os
     import signal
 
@@ -237,7 +237,7 @@ async def test_start_publish_broker_silent_raises(pool, tmp_path, monkeypatch):
 
 
 async def test_batch_submit_survives_silent_broker(pool, tmp_path, monkeypatch):
-    """The broker stops answering mid-submit: unacknowledged jobs are published again, and each is stored once."""
+    """The broker stops responding mid-submit: unacknowledged jobs are published again, and each is stored once."""
     import os
     import signal
 

@@ -60,7 +60,7 @@ def test_engine_prompt_tokens_match_whole_template(engine):
 
 
 def test_engine_job_leaves_only_opening(engine):
-    """After a job the context holds exactly the opening: no token of the prompt or reply remains."""
+    """After a job the context contains exactly the opening: no token of the prompt or reply remains."""
     reply(engine, [ChatMessage("user", "मुझे रात को नींद नहीं आती। What helps?")])
 
     assert context_tokens(engine) == engine._opening

@@ -1,9 +1,9 @@
 """A worker pool on the configfs-tsm backend, with clients verifying SEV-SNP reports.
 
 No SEV-SNP guest is available here. Each worker is a real `confide worker
---tee configfs-tsm` process with a real broker and model; its report
-instance is served by tests/tsm_fakes.py, and the reports are signed by the
-test AMD root of tests/sev_snp_fakes.py, which the trust policy pins. The
+--tee configfs-tsm` process with a real broker and model. tests/tsm_fakes.py
+serves its report instance, and the test AMD root of tests/sev_snp_fakes.py,
+which the trust policy pins, signs the reports. The
 worker, pool and client code is the code that would run in a guest.
 """
 

@@ -157,7 +157,7 @@ def confide(*arguments: str, stdin: str | None = None, timeout_s: float = CLI_TI
 
 
 def start_worker_or_error(*arguments, **options):
-    """Return the started worker, or the RuntimeError that says it exited."""
+    """Return the started worker, or the RuntimeError raised because it exited."""
     try:
         return start_worker(*arguments, **options)
     except RuntimeError as exc:
@@ -173,7 +173,7 @@ async def test_joiner_rejects_release_without_pool_key(pool, tmp_path, running):
     stop(member.process)
     document_before = await pool_entry(broker.url)
 
-    # Something that is not a pool member answers the key release request
+    # Something that is not a pool member responds to the key release request
     # with keys of its own, sealed to the joiner's attested one-time key.
     nc = await nats.connect(broker.url)
     answered = []

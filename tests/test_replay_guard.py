@@ -1,6 +1,6 @@
 """Unit tests of ReplayGuard, the worker's memory of job ids (workers/job.py).
 
-The live worker's answer to a replayed job is tested in test_hostile_input.py.
+The live worker's error reply to a replayed job is tested in test_hostile_input.py.
 """
 
 from __future__ import annotations

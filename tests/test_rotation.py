@@ -114,7 +114,7 @@ async def test_job_sealed_to_erased_key_gets_signed_notice(pool, tmp_path):
 
 
 async def test_job_sealed_to_lost_pool_key_sealed_again(pool, tmp_path):
-    """Every worker stops and a new one creates another key: a job sealed to the lost key is sealed again and answered."""
+    """Every worker stops and a new one creates another key: a job sealed to the lost key is sealed again and gets a reply."""
     broker = start_broker(tmp_path / "broker")
     first = start_worker(broker.url, pool, tmp_path / "w1", "first")
     second = None
@@ -123,7 +123,7 @@ async def test_job_sealed_to_lost_pool_key_sealed_again(pool, tmp_path):
             lost_key = (await client.attest()).key
             stop(first.process)
             # Remove the stopped pool's document, so that the new worker creates
-            # a key at once instead of first waiting for a member to answer.
+            # a key at once instead of first waiting for a member to respond.
             nc = await nats.connect(broker.url)
             try:
                 await (await nc.jetstream().key_value(subjects.POOL_BUCKET)).delete(subjects.ATTESTATION_KEY)

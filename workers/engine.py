@@ -128,10 +128,10 @@ class Engine:
             model_path=str(settings.model_path),
             n_ctx=settings.n_ctx,
             n_threads=threads,
-            # llama-cpp-python 0.3.36 gives prompt evaluation every core unless
-            # told otherwise. Two workers on one machine, each limited by
-            # --threads, then still evaluate prompts with all cores at once,
-            # and their OpenMP threads wait on each other for seconds.
+            # llama-cpp-python 0.3.36 evaluates prompts with every core unless
+            # n_threads_batch is set. Two workers on one machine would then
+            # both use all cores, and their OpenMP threads wait on each other
+            # for seconds.
             n_threads_batch=threads,
             n_batch=settings.n_batch,
             verbose=False,

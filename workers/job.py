@@ -341,7 +341,7 @@ class JobRunner:
         A job sealed to the key the pool has just published, which this
         worker has not fetched yet, goes back to the queue for a member
         that has it. Any other such job can never be opened: an erased
-        epoch's (expired_key), or one the pool never held or lost when all
+        epoch's (expired_key), or one the pool never had or lost when all
         its members stopped (unknown_key). For those the worker files a
         signed notice the client can find from the envelope, so the client
         seals the job again to the current key, and terminates the job.
@@ -354,9 +354,10 @@ class JobRunner:
 
         reason = "expired_key" if self._pool.is_erased(key_id) else "unknown_key"
         if self._notices.take(time.monotonic()):
-            notice = await self._pool.attest_notice(envelope_digest(message.data))
+            digest = envelope_digest(message.data)
+            notice = await self._pool.attest_notice(digest)
             with anyio.CancelScope(shield=True):
-                await self._js.publish(subjects.reply_subject(envelope_digest(message.data)), notice, stream=subjects.REPLIES_STREAM)
+                await self._js.publish(subjects.reply_subject(digest), notice, stream=subjects.REPLIES_STREAM)
         else:
             # Anyone can publish jobs under made-up key ids; unlimited notices
             # would fill the replies stream, which drops its oldest replies.

@@ -1,8 +1,8 @@
 """The TEE boundary: a backend signs reports that bind a key to a measurement.
 
-Two backends implement it. workers/tee_tsm.py asks the CPU, through Linux's
-configfs-tsm, for a report whose report data is a hash of the key and the
-other claims. The simulated backend here stands in for the CPU vendor's
+Two backends implement it. workers/tee_tsm.py requests a report from the
+CPU through Linux's configfs-tsm, with a hash of the key and the other
+claims as its report data. The simulated backend here stands in for the CPU vendor's
 root of trust with a software Ed25519 key and marks every document it signs
 as simulated.
 """
